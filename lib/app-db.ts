@@ -1,0 +1,53 @@
+import type { QueryConfig, QueryResult, QueryResultRow } from 'pg'
+import type { ClientGate, DbStats, PostgresPool } from './pool.js'
+import { type DbSession, Session } from './session.js'
+
+/** `app.db`: the app's pool, for work outside a request (startup, background jobs). */
+export interface AppDb {
+  /** The one pool of the app. */
+  readonly pool: PostgresPool
+  /** Run one statement on a pool client. */
+  query<R extends QueryResultRow = any, V extends unknown[] = unknown[]> (
+    text: string | QueryConfig<V>, values?: V
+  ): Promise<QueryResult<R>>
+  /** BEGIN … COMMIT on one pool client; ROLLBACK and rethrow if `fn` throws. */
+  transaction<T> (fn: (tx: DbSession) => Promise<T> | T): Promise<T>
+  /** `{ total, idle, waiting, leased }`: leased is the clients held by requests right now. */
+  stats (): DbStats
+}
+
+export class AppDatabase implements AppDb {
+  private readonly gate: ClientGate
+
+  constructor (gate: ClientGate) {
+    this.gate = gate
+  }
+
+  get pool (): PostgresPool {
+    return this.gate.pool
+  }
+
+  // Through the gate rather than pool.query: the same acquire timeout, typed errors and
+  // session-state rule as requests get.
+  query<R extends QueryResultRow = any, V extends unknown[] = unknown[]> (text: string | QueryConfig<V>, values?: V): Promise<QueryResult<R>> {
+    return this.withSession((session) => session.query<R, V>(text, values))
+  }
+
+  transaction<T> (fn: (tx: DbSession) => Promise<T> | T): Promise<T> {
+    return this.withSession((session) => session.transaction(fn))
+  }
+
+  stats (): DbStats {
+    return this.gate.stats()
+  }
+
+  private async withSession<T> (work: (session: Session) => Promise<T>): Promise<T> {
+    const session = new Session(this.gate)
+    await session.open()
+    try {
+      return await work(session)
+    } finally {
+      await session.close()
+    }
+  }
+}

@@ -1,0 +1,22 @@
+import fp from 'fastify-plugin'
+import './augment.js'
+import { requestDbPlugin } from './plugin.js'
+import type { RequestDbOptions } from './options.js'
+
+/**
+ * fastify-request-db: one PostgreSQL pool for the app, one lazily taken client per request,
+ * always given back.
+ */
+export const requestDb = fp<RequestDbOptions>(requestDbPlugin, {
+  fastify: '5.x',
+  name: 'fastify-request-db'
+})
+
+export default requestDb
+
+export * from './errors.js'
+export type { AppDb } from './app-db.js'
+export type { RequestDb, RouteDbConfig } from './lease.js'
+export type { Env, RequestDbOptions } from './options.js'
+export type { DbStats, PostgresPool } from './pool.js'
+export type { DbSession } from './session.js'

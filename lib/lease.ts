@@ -1,0 +1,195 @@
+import type { FastifyReply, FastifyRequest } from 'fastify'
+import type { PoolClient, QueryConfig } from 'pg'
+import { requestCancel } from './cancel.js'
+import { FST_REQUEST_DB_COMMIT_FAILED, FST_REQUEST_DB_RELEASED } from './errors.js'
+import type { ClientGate } from './pool.js'
+import { CANCEL_GRACE_MS, type DbSession, Session } from './session.js'
+
+/** `request.db`: the request's own connection, taken from the pool at first use. */
+export interface RequestDb extends DbSession {
+  /**
+   * The request's `pg.PoolClient`, for cursors, COPY or LISTEN. Calling `release()` on it is safe.
+   * Because its statements cannot be seen, the connection is closed rather than reused afterwards.
+   */
+  client (): Promise<PoolClient>
+}
+
+/** Per-route settings: `{ config: { db: { transaction: true } } }`. */
+export interface RouteDbConfig {
+  /** Run the whole request in one transaction: committed before the response if it succeeded. */
+  transaction?: boolean
+}
+
+const IDLE = 0
+const ACQUIRING = 1
+const ACTIVE = 2
+const ENDED = 3
+
+/**
+ * A request's lease on one pool client. Nothing is taken from the pool until the first query, and
+ * the client is given back exactly once, on whichever comes first of: the response finishing, the
+ * connection closing under it (abort, connectionTimeout), or shutdown. Release waits for statements
+ * in flight; on abort it first cancels them on the server.
+ */
+export class Lease extends Session implements RequestDb {
+  override readonly countsAsLease = true
+  /** The route's transaction (config.db.transaction) is open and awaits COMMIT in onSend. */
+  routeTxOpen = false
+  /** The handler (or a hook) threw: a route transaction is rolled back, never committed. */
+  failed = false
+  private state = IDLE
+  private acquiring: Promise<PoolClient> | null = null
+  private readonly request: FastifyRequest
+  private readonly reply: FastifyReply
+  private poolRelease: PoolClient['release'] | undefined = undefined
+
+  constructor (gate: ClientGate, request: FastifyRequest, reply: FastifyReply) {
+    super(gate)
+    this.request = request
+    this.reply = reply
+  }
+
+  async client (): Promise<PoolClient> {
+    const client = this.current ?? await this.checkout()
+    if (this.poolRelease === undefined) {
+      this.poolRelease = client.release
+      // User code may release the client it was handed: that gives it back (once) through us.
+      client.release = (err?: Error | boolean) => this.releasedByUser(client, err)
+    }
+    return client
+  }
+
+  /** onSend of a transaction route: COMMIT if the request succeeded, else ROLLBACK. */
+  async settle (statusCode: number): Promise<void> {
+    this.routeTxOpen = false
+    const client = this.current
+    if (client === null) return
+    this.txDepth = 0
+    if (this.failed || statusCode >= 400) {
+      try {
+        await this.send(client, 'ROLLBACK')
+      } catch (err) {
+        this.rollbackFailed(err, null)
+      }
+      return
+    }
+    let result
+    try {
+      result = await this.send(client, 'COMMIT')
+    } catch (err) {
+      throw new FST_REQUEST_DB_COMMIT_FAILED(this.gate.redact((err as Error).message), { cause: err })
+    }
+    if (result.command === 'ROLLBACK') {
+      throw new FST_REQUEST_DB_COMMIT_FAILED('a statement in the transaction failed, so it was rolled back')
+    }
+  }
+
+  override forceRelease (): void {
+    this.broken = true
+    this.end(true)
+  }
+
+  override connectionFailed (err: Error): void {
+    super.connectionFailed(err)
+    const client = this.current
+    // Nothing was in flight and no transaction is open: drop the dead connection now, and the next
+    // query of this request quietly takes a fresh one. Inside a transaction the work is lost, so the
+    // next query fails (503) instead of silently continuing outside it.
+    if (client !== null && this.state === ACTIVE && !this.isBusy(client) && this.txDepth === 0 && this.poolRelease === undefined) {
+      this.current = null
+      this.state = IDLE
+      this.broken = false
+      this.gate.release(this, client, true)
+    }
+  }
+
+  protected override queryWithoutClient (text: string | QueryConfig, values?: unknown[]): Promise<any> {
+    return this.checkout().then((client) => this.send(client, text, values))
+  }
+
+  private checkout (): Promise<PoolClient> {
+    if (this.acquiring !== null) return this.acquiring
+    if (this.state === ENDED || responseEnded(this.reply)) {
+      // Opens no connection: after the response, background work belongs on app.db.
+      this.state = ENDED
+      return Promise.reject(new FST_REQUEST_DB_RELEASED())
+    }
+    this.acquiring = this.acquire()
+    return this.acquiring
+  }
+
+  private async acquire (): Promise<PoolClient> {
+    this.state = ACQUIRING
+    const res = this.reply.raw
+    // 'close' is the one event every ending shares: after 'finish' for a sent response, alone when
+    // the client went away. Listening only once a client is wanted keeps db-less routes free.
+    const onClose = (): void => this.end(!res.writableEnded)
+    res.once('close', onClose)
+    let client: PoolClient
+    try {
+      client = await this.gate.acquire(this)
+    } catch (err) {
+      res.removeListener('close', onClose)
+      this.acquiring = null
+      if (this.state === ACQUIRING) this.state = IDLE
+      throw err
+    }
+    this.acquiring = null
+    if (this.state !== ACQUIRING) {
+      // The request ended while it waited for a client.
+      this.gate.release(this, client, false)
+      throw new FST_REQUEST_DB_RELEASED()
+    }
+    this.current = client
+    this.state = ACTIVE
+    if (this.request.routeOptions.handlerTimeout > 0) {
+      // handlerTimeout answers 503 but leaves the handler running: stop its statement on the server.
+      this.request.signal.addEventListener('abort', () => this.cancelRunning(), { once: true })
+    }
+    if ((this.request.routeOptions.config as { db?: RouteDbConfig }).db?.transaction === true) {
+      await this.send(client, 'BEGIN')
+      this.txDepth = 1
+      this.routeTxOpen = true
+    }
+    return client
+  }
+
+  private end (aborted: boolean): void {
+    const state = this.state
+    this.state = ENDED
+    if (state !== ACTIVE) return
+    const client = this.current as PoolClient
+    this.current = null
+    this.routeTxOpen = false
+    if (aborted && this.isBusy(client)) void requestCancel(client as never)
+    void this.finish(client, aborted)
+  }
+
+  private async finish (client: PoolClient, aborted: boolean): Promise<void> {
+    // A response that was sent normally lets its statements finish; an aborted one had them
+    // cancelled, and a statement that ignores the cancel loses its connection.
+    await this.whenSettled(aborted ? CANCEL_GRACE_MS : Number.POSITIVE_INFINITY)
+    await this.giveBack(client, this.poolRelease !== undefined, this.poolRelease)
+  }
+
+  private cancelRunning (): void {
+    const client = this.current
+    if (client !== null && this.isBusy(client)) void requestCancel(client as never)
+  }
+
+  private releasedByUser (client: PoolClient, err?: Error | boolean): void {
+    if (this.current !== client) return
+    this.current = null
+    this.routeTxOpen = false
+    if (this.state === ACTIVE) this.state = IDLE
+    const poolRelease = this.poolRelease
+    this.poolRelease = undefined
+    void this.giveBack(client, true, poolRelease)
+    void err
+  }
+}
+
+function responseEnded (reply: FastifyReply): boolean {
+  const res = reply.raw
+  return res.writableEnded || res.destroyed || res.socket?.destroyed === true
+}

@@ -1,0 +1,252 @@
+import type { PostgresPool } from './pool.js'
+import { FST_REQUEST_DB_INVALID_OPTION } from './errors.js'
+import { redactUrl } from './redact.js'
+
+/** Where environment variables are read from: `process.env` unless `options.env` says otherwise. */
+export type Env = Readonly<Record<string, string | undefined>>
+
+/** Options for `app.register(requestDb, options)`. Explicit options win over env; env over defaults. */
+export interface RequestDbOptions {
+  /**
+   * PostgreSQL connection URL, e.g. `postgres://user:pass@localhost:5432/app?sslmode=require`.
+   * Env: `DATABASE_URL`. Default: none, then the libpq variables `PGHOST`, `PGPORT`, `PGUSER`,
+   * `PGPASSWORD`, `PGDATABASE` (with libpq's defaults: localhost, 5432).
+   */
+  connectionString?: string
+  /** Most clients the pool opens. Env: `DB_POOL_MAX`. Default: 10. */
+  max?: number
+  /** Longest wait for a free client before answering 503. Env: `DB_ACQUIRE_TIMEOUT_MS`. Default: 5000. */
+  acquireTimeoutMs?: number
+  /** Idle clients are closed after this long; 0 keeps them. Env: `DB_IDLE_TIMEOUT_MS`. Default: 10000. */
+  idleTimeoutMs?: number
+  /** Server-side `statement_timeout`; 0 is off. Env: `DB_STATEMENT_TIMEOUT_MS`. Default: 0. */
+  statementTimeoutMs?: number
+  /**
+   * How long `app.close()` waits for requests' clients before cancelling their queries.
+   * Env: `DB_SHUTDOWN_TIMEOUT_MS`. Default: 10000.
+   */
+  shutdownTimeoutMs?: number
+  /**
+   * Most requests that may wait for a client at once; one more is answered 503 at once.
+   * Env: `DB_POOL_MAX_WAITING`. Default: unlimited (the wait is still bounded by `acquireTimeoutMs`).
+   */
+  maxWaiting?: number
+  /**
+   * An existing `pg.Pool` to use instead of creating one. The plugin does not end it on close: its
+   * owner does. Default: the pool `@fastify/postgres` creates (or the app's `fastify.pg.pool`).
+   */
+  pool?: PostgresPool
+  /** Where environment variables are read. Default: `process.env`. */
+  env?: Env
+}
+
+/** Connection settings handed to `pg`. */
+export interface ConnectionConfig {
+  connectionString?: string
+  host?: string
+  port?: number
+  user?: string
+  password?: string
+  database?: string
+}
+
+/** The options after defaults, env and explicit values were merged and checked. Frozen. */
+export interface ResolvedOptions {
+  readonly connection: Readonly<ConnectionConfig>
+  /** `host:port/database`, for messages: never the password. */
+  readonly target: string
+  readonly max: number
+  readonly acquireTimeoutMs: number
+  readonly idleTimeoutMs: number
+  readonly statementTimeoutMs: number
+  readonly shutdownTimeoutMs: number
+  readonly maxWaiting: number
+  readonly pool: PostgresPool | undefined
+  /** Strings that must never reach a message or a log line. */
+  readonly secrets: readonly string[]
+}
+
+const DEFAULTS = {
+  max: 10,
+  acquireTimeoutMs: 5000,
+  idleTimeoutMs: 10000,
+  statementTimeoutMs: 0,
+  shutdownTimeoutMs: 10000,
+  maxWaiting: Number.POSITIVE_INFINITY
+} as const
+
+// setTimeout's ceiling: a larger delay fires at once, which would turn a long timeout into none.
+const MAX_TIMER_MS = 2_147_483_647
+
+interface IntegerSetting {
+  option: keyof typeof DEFAULTS
+  env: string
+  min: number
+  max: number
+}
+
+const INTEGER_SETTINGS: readonly IntegerSetting[] = [
+  { option: 'max', env: 'DB_POOL_MAX', min: 1, max: 10_000 },
+  // 0 would mean "wait forever" to pg-pool: the one default that must never hang.
+  { option: 'acquireTimeoutMs', env: 'DB_ACQUIRE_TIMEOUT_MS', min: 1, max: MAX_TIMER_MS },
+  { option: 'idleTimeoutMs', env: 'DB_IDLE_TIMEOUT_MS', min: 0, max: MAX_TIMER_MS },
+  { option: 'statementTimeoutMs', env: 'DB_STATEMENT_TIMEOUT_MS', min: 0, max: MAX_TIMER_MS },
+  { option: 'shutdownTimeoutMs', env: 'DB_SHUTDOWN_TIMEOUT_MS', min: 0, max: MAX_TIMER_MS },
+  { option: 'maxWaiting', env: 'DB_POOL_MAX_WAITING', min: 0, max: 1_000_000 }
+]
+
+const KNOWN_OPTIONS = new Set<string>([
+  'connectionString', 'pool', 'env', ...INTEGER_SETTINGS.map((s) => s.option)
+])
+
+const SSL_MODES = new Set(['disable', 'prefer', 'require', 'verify-ca', 'verify-full', 'no-verify'])
+
+/**
+ * Merge defaults, env and explicit options (in that order of strength) and check every value.
+ * Throws FST_REQUEST_DB_INVALID_OPTION naming the setting and its value (passwords masked).
+ */
+export function resolveOptions (options: RequestDbOptions = {}, env: Env = options.env ?? process.env): ResolvedOptions {
+  if (options === null || typeof options !== 'object') {
+    throw new FST_REQUEST_DB_INVALID_OPTION('options', describe(options), 'must be an object')
+  }
+  for (const key of Object.keys(options)) {
+    if (!KNOWN_OPTIONS.has(key)) {
+      throw new FST_REQUEST_DB_INVALID_OPTION('options', key, `is not an option (known: ${[...KNOWN_OPTIONS].join(', ')})`)
+    }
+  }
+
+  const numbers = {} as Record<IntegerSetting['option'], number>
+  for (const setting of INTEGER_SETTINGS) {
+    numbers[setting.option] = resolveInteger(setting, options[setting.option], env[setting.env])
+  }
+
+  const pool = options.pool
+  if (pool !== undefined && (pool === null || typeof pool.connect !== 'function' || typeof pool.on !== 'function')) {
+    throw new FST_REQUEST_DB_INVALID_OPTION('pool', describe(pool), 'must be a pg.Pool')
+  }
+
+  const { connection, target, secrets } = resolveConnection(options, env)
+
+  return Object.freeze({
+    connection: Object.freeze(connection),
+    target,
+    max: numbers.max,
+    acquireTimeoutMs: numbers.acquireTimeoutMs,
+    idleTimeoutMs: numbers.idleTimeoutMs,
+    statementTimeoutMs: numbers.statementTimeoutMs,
+    shutdownTimeoutMs: numbers.shutdownTimeoutMs,
+    maxWaiting: numbers.maxWaiting,
+    pool,
+    secrets: Object.freeze(secrets)
+  })
+}
+
+function resolveInteger (setting: IntegerSetting, explicit: unknown, fromEnv: string | undefined): number {
+  if (explicit !== undefined) {
+    if (typeof explicit !== 'number' || !Number.isInteger(explicit) || explicit < setting.min || explicit > setting.max) {
+      throw new FST_REQUEST_DB_INVALID_OPTION(setting.option, describe(explicit), range(setting))
+    }
+    return explicit
+  }
+  if (fromEnv !== undefined) {
+    // Digits only: Number() would accept '', ' ', '0x10', '1e3' and 'Infinity'.
+    const trimmed = fromEnv.trim()
+    const value = /^\d{1,16}$/.test(trimmed) ? Number(trimmed) : Number.NaN
+    if (!(value >= setting.min && value <= setting.max)) {
+      throw new FST_REQUEST_DB_INVALID_OPTION(setting.env, describe(fromEnv), range(setting))
+    }
+    return value
+  }
+  return DEFAULTS[setting.option]
+}
+
+function range (setting: IntegerSetting): string {
+  return `must be a whole number from ${setting.min} to ${setting.max}`
+}
+
+function resolveConnection (options: RequestDbOptions, env: Env): {
+  connection: ConnectionConfig
+  target: string
+  secrets: string[]
+} {
+  const secrets: string[] = []
+  const password = env.PGPASSWORD
+  if (password) secrets.push(password)
+
+  const portText = env.PGPORT
+  let port = 5432
+  if (portText !== undefined && portText !== '') {
+    port = /^\d{1,5}$/.test(portText.trim()) ? Number(portText.trim()) : Number.NaN
+    if (!(port >= 1 && port <= 65535)) {
+      throw new FST_REQUEST_DB_INVALID_OPTION('PGPORT', describe(portText), 'must be a port number from 1 to 65535')
+    }
+  }
+  const user = env.PGUSER || env.USER || undefined
+  // libpq's defaults, spelled out so pg never falls back to process.env when options.env is given.
+  const connection: ConnectionConfig = {
+    host: env.PGHOST || 'localhost',
+    port,
+    user,
+    password,
+    database: env.PGDATABASE || user
+  }
+
+  const [setting, url] = options.connectionString !== undefined
+    ? ['connectionString', options.connectionString as unknown]
+    : ['DATABASE_URL', env.DATABASE_URL as unknown]
+
+  if (url !== undefined) {
+    const parsed = parseConnectionString(setting, url, secrets)
+    connection.connectionString = url as string
+    const host = parsed.searchParams.get('host') ?? (parsed.hostname ? decodeURIComponent(parsed.hostname) : connection.host)
+    const database = parsed.pathname.length > 1 ? decodeURIComponent(parsed.pathname.slice(1)) : connection.database
+    const urlPort = parsed.port ? Number(parsed.port) : (parsed.hostname ? 5432 : connection.port)
+    return { connection, target: `${host}:${urlPort}/${database ?? ''}`, secrets }
+  }
+  return { connection, target: `${connection.host}:${connection.port}/${connection.database ?? ''}`, secrets }
+}
+
+function parseConnectionString (setting: string, value: unknown, secrets: string[]): URL {
+  if (typeof value !== 'string') {
+    throw new FST_REQUEST_DB_INVALID_OPTION(setting, describe(value), 'must be a string')
+  }
+  // Mask the password before anything can throw with the URL in hand.
+  const shown = JSON.stringify(redactUrl(value))
+  if (value.trim() === '') {
+    throw new FST_REQUEST_DB_INVALID_OPTION(setting, shown, 'is empty; unset it to use the PG* variables')
+  }
+  let url: URL
+  try {
+    url = new URL(value)
+  } catch {
+    // Not chained with { cause }: Node's URL error carries the whole input, password included.
+    throw new FST_REQUEST_DB_INVALID_OPTION(setting, shown, 'is not a valid URL (expected postgres://user:password@host:port/database)')
+  }
+  if (url.password) {
+    secrets.push(url.password)
+    try {
+      secrets.push(decodeURIComponent(url.password))
+    } catch {}
+  }
+  if (url.protocol !== 'postgres:' && url.protocol !== 'postgresql:') {
+    throw new FST_REQUEST_DB_INVALID_OPTION(setting, shown, `has protocol "${url.protocol}"; expected "postgres:" or "postgresql:"`)
+  }
+  if (url.port !== '' && Number(url.port) === 0) {
+    throw new FST_REQUEST_DB_INVALID_OPTION(setting, shown, 'has port 0; expected 1 to 65535')
+  }
+  const sslmode = url.searchParams.get('sslmode')
+  if (sslmode !== null && !SSL_MODES.has(sslmode)) {
+    throw new FST_REQUEST_DB_INVALID_OPTION(setting, shown, `has unknown sslmode "${sslmode}" (known: ${[...SSL_MODES].join(', ')})`)
+  }
+  if (!url.hostname && !url.searchParams.get('host') && url.pathname.length <= 1) {
+    throw new FST_REQUEST_DB_INVALID_OPTION(setting, shown, 'names neither a host nor a database')
+  }
+  return url
+}
+
+function describe (value: unknown): string {
+  if (typeof value === 'string') return JSON.stringify(value.length > 200 ? `${value.slice(0, 200)}…` : value)
+  if (typeof value === 'number' || typeof value === 'boolean' || value === null || value === undefined) return String(value)
+  if (typeof value === 'object') return Array.isArray(value) ? 'an array' : 'an object'
+  return typeof value
+}

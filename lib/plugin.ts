@@ -1,0 +1,78 @@
+import fastifyPostgres from '@fastify/postgres'
+import type { FastifyInstance } from 'fastify'
+import { AppDatabase } from './app-db.js'
+import { FST_REQUEST_DB_CONNECT } from './errors.js'
+import { addRequestHooks } from './hooks.js'
+import { type RequestDbOptions, type ResolvedOptions, resolveOptions } from './options.js'
+import { ClientGate, type ClientHolder, type PostgresPool } from './pool.js'
+import { createRedactor } from './redact.js'
+import { addShutdownHooks } from './shutdown.js'
+
+/** The lifecycle, in order. Each step lives in the file it names. */
+export async function requestDbPlugin (fastify: FastifyInstance, options: RequestDbOptions): Promise<void> {
+  const resolved = resolveOptions(options)
+  const redact = createRedactor(resolved.secrets)
+
+  const pool = await obtainPool(fastify, resolved)
+  const gate = new ClientGate(pool, resolved, fastify.log, redact)
+  watchIdleClients(fastify, pool, redact)
+  await checkConnection(gate, resolved.target, redact)
+
+  fastify.decorate('db', new AppDatabase(gate))
+  // null, then assigned in onRequest: Fastify 5 forbids reference-type defaults, and a null
+  // default keeps the request object's shape stable for V8.
+  fastify.decorateRequest('db', null as never)
+  addRequestHooks(fastify, gate)
+  // Added after @fastify/postgres registered: onClose hooks run last-added first, so this one
+  // gives every client back before @fastify/postgres ends the pool.
+  addShutdownHooks(fastify, gate, resolved.shutdownTimeoutMs)
+}
+
+/** The one pool: the caller's, the app's own `fastify.pg`, or a new one owned by @fastify/postgres. */
+async function obtainPool (fastify: FastifyInstance, options: ResolvedOptions): Promise<PostgresPool> {
+  if (options.pool !== undefined) return options.pool
+  const existing = (fastify as { pg?: { pool?: PostgresPool } }).pg?.pool
+  if (existing !== undefined) {
+    if (options.statementTimeoutMs > 0) {
+      fastify.log.warn('fastify-request-db: statementTimeoutMs is not applied to the reused fastify.pg pool')
+    }
+    return existing
+  }
+  await fastify.register(fastifyPostgres, {
+    ...options.connection,
+    max: options.max,
+    idleTimeoutMillis: options.idleTimeoutMs,
+    // pg-pool's default (0) waits forever for a client.
+    connectionTimeoutMillis: options.acquireTimeoutMs,
+    ...(options.statementTimeoutMs > 0 ? { statement_timeout: options.statementTimeoutMs } : {})
+  })
+  return (fastify as unknown as { pg: { pool: PostgresPool } }).pg.pool
+}
+
+/**
+ * An idle client whose backend dies emits 'error' on the pool; with no listener, Node exits.
+ * @fastify/postgres attaches none (fastify-postgres#168).
+ */
+function watchIdleClients (fastify: FastifyInstance, pool: PostgresPool, redact: (text: string) => string): void {
+  pool.on('error', (err) => {
+    fastify.log.warn({ err: { type: err.name, message: redact(err.message), code: (err as { code?: string }).code } },
+      'fastify-request-db: an idle database connection failed and was removed from the pool')
+  })
+}
+
+/** One `SELECT 1` during registration, so ready() rejects when the database can't be reached. */
+async function checkConnection (gate: ClientGate, target: string, redact: (text: string) => string): Promise<void> {
+  const holder: ClientHolder = { countsAsLease: false, connectionFailed () {}, forceRelease () {} }
+  try {
+    const client = await gate.acquire(holder)
+    try {
+      await client.query('SELECT 1')
+    } finally {
+      gate.release(holder, client, false)
+    }
+  } catch (err) {
+    const root = (err as { cause?: unknown }).cause ?? err
+    const reason = root instanceof Error ? root.message || (root as { code?: string }).code || root.name : String(root)
+    throw new FST_REQUEST_DB_CONNECT(target, redact(reason), { cause: root })
+  }
+}

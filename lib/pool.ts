@@ -1,0 +1,213 @@
+import type { FastifyBaseLogger } from 'fastify'
+import type { PoolClient } from 'pg'
+import {
+  FST_REQUEST_DB_ACQUIRE_TIMEOUT,
+  FST_REQUEST_DB_CLOSING,
+  FST_REQUEST_DB_OVERLOADED,
+  FST_REQUEST_DB_UNAVAILABLE
+} from './errors.js'
+import type { ResolvedOptions } from './options.js'
+
+/**
+ * The slice of `pg.Pool` this plugin uses. A real `pg.Pool` fits; so does a wrapper that injects
+ * faults in a test, without patching pg itself.
+ */
+export interface PostgresPool {
+  connect (): Promise<PoolClient>
+  end (): Promise<void>
+  on (event: 'error', listener: (err: Error, client: PoolClient) => void): unknown
+  readonly totalCount: number
+  readonly idleCount: number
+  readonly waitingCount: number
+  readonly ending?: boolean
+  readonly options?: { max?: number, connectionTimeoutMillis?: number }
+}
+
+/** Pool figures: `leased` is the clients held by requests right now. */
+export interface DbStats {
+  total: number
+  idle: number
+  waiting: number
+  leased: number
+}
+
+/** Something that holds a pool client for a while: a request's lease or an `app.db` call. */
+export interface ClientHolder {
+  readonly countsAsLease: boolean
+  /** The connection reported an error while held: it must not be reused. */
+  connectionFailed (err: Error): void
+  /** Shutdown's last resort: cancel what runs and give the client back now. */
+  forceRelease (): void
+}
+
+const kHolder = Symbol('fastify-request-db.holder')
+const kWatched = Symbol('fastify-request-db.watched')
+
+type TrackedClient = PoolClient & { [kHolder]?: ClientHolder | null, [kWatched]?: true }
+
+const TIMED_OUT = new Error('acquire timed out')
+
+/**
+ * Hands out pool clients and takes them back, and keeps the books: how many are leased, who holds
+ * them (for shutdown), and whether the app is closing. Every client a request or `app.db` uses
+ * passes through here.
+ */
+export class ClientGate {
+  readonly pool: PostgresPool
+  readonly log: FastifyBaseLogger
+  readonly redact: (text: string) => string
+  closing = false
+  leased = 0
+  private waiting = 0
+  private readonly holders = new Set<ClientHolder>()
+  private readonly acquireTimeoutMs: number
+  private readonly maxWaiting: number
+  private readonly max: number
+  // pg-pool's own connectionTimeoutMillis drops a timed-out waiter from its queue; a pool handed in
+  // by the app may have none (pg-pool's default waits forever), so then a timer of ours bounds it.
+  private readonly needsOwnTimer: boolean
+  private drained: (() => void) | null = null
+
+  constructor (pool: PostgresPool, options: ResolvedOptions, log: FastifyBaseLogger, redact: (text: string) => string) {
+    this.pool = pool
+    this.log = log
+    this.redact = redact
+    this.acquireTimeoutMs = options.acquireTimeoutMs
+    this.maxWaiting = options.maxWaiting
+    this.max = pool.options?.max ?? options.max
+    const poolTimeout = pool.options?.connectionTimeoutMillis ?? 0
+    this.needsOwnTimer = !(poolTimeout > 0 && poolTimeout <= options.acquireTimeoutMs)
+  }
+
+  /** Take a client for `holder`. Rejects with a typed 503 error: never waits past acquireTimeoutMs. */
+  async acquire (holder: ClientHolder): Promise<PoolClient> {
+    if (this.closing) throw new FST_REQUEST_DB_CLOSING()
+    const pool = this.pool
+    let client: PoolClient
+    if (pool.idleCount > 0 && pool.waitingCount === 0) {
+      // A free client is handed over at once: no timer, no queue accounting on the hot path.
+      client = await pool.connect().catch((err: unknown) => { throw this.acquireError(err) })
+    } else {
+      if (this.waiting >= this.maxWaiting) throw new FST_REQUEST_DB_OVERLOADED(this.waiting)
+      this.waiting++
+      try {
+        client = await (this.needsOwnTimer ? this.connectWithin(this.acquireTimeoutMs) : pool.connect())
+      } catch (err) {
+        throw this.acquireError(err)
+      } finally {
+        this.waiting--
+      }
+    }
+    if (this.closing) {
+      // close() began while this request waited: it gets no client after all.
+      this.release(null, client, false)
+      throw new FST_REQUEST_DB_CLOSING()
+    }
+    this.track(holder, client)
+    return client
+  }
+
+  /** Give a client back to the pool; `destroy` closes its connection instead of reusing it. */
+  release (holder: ClientHolder | null, client: PoolClient, destroy: boolean, poolRelease = client.release): void {
+    const tracked = client as TrackedClient
+    tracked[kHolder] = null
+    if (holder !== null && this.holders.delete(holder) && holder.countsAsLease) {
+      this.leased--
+    }
+    poolRelease.call(client, destroy ? new Error('fastify-request-db: connection not reusable') : undefined)
+    if (this.drained !== null && this.holders.size === 0) this.drained()
+  }
+
+  stats (): DbStats {
+    const pool = this.pool
+    return { total: pool.totalCount, idle: pool.idleCount, waiting: pool.waitingCount, leased: this.leased }
+  }
+
+  /** Resolves once every held client is back, or after `ms`. Returns how many were still held. */
+  async waitForHolders (ms: number): Promise<number> {
+    if (this.holders.size > 0) {
+      await new Promise<void>((resolve) => {
+        const timer = setTimeout(resolve, ms)
+        this.drained = () => {
+          clearTimeout(timer)
+          resolve()
+        }
+      })
+      this.drained = null
+    }
+    return this.holders.size
+  }
+
+  /** Cancel and give back whatever is still held. */
+  forceReleaseAll (): void {
+    for (const holder of [...this.holders]) holder.forceRelease()
+  }
+
+  private track (holder: ClientHolder, client: PoolClient): void {
+    const tracked = client as TrackedClient
+    if (tracked[kWatched] === undefined) {
+      // pg-pool listens for errors only on idle clients (node-postgres#2852): a checked-out client
+      // whose backend dies emits 'error' with no listener, which would crash the process.
+      tracked[kWatched] = true
+      client.on('error', onHeldClientError)
+    }
+    tracked[kHolder] = holder
+    this.holders.add(holder)
+    if (holder.countsAsLease) this.leased++
+  }
+
+  private connectWithin (ms: number): Promise<PoolClient> {
+    return new Promise((resolve, reject) => {
+      let timedOut = false
+      const timer = setTimeout(() => {
+        timedOut = true
+        reject(TIMED_OUT)
+      }, ms)
+      this.pool.connect().then((client) => {
+        clearTimeout(timer)
+        // Too late for the request that asked: straight back to the pool.
+        if (timedOut) client.release()
+        else resolve(client)
+      }, (err: unknown) => {
+        clearTimeout(timer)
+        reject(err)
+      })
+    })
+  }
+
+  private acquireError (err: unknown): Error {
+    if (err === TIMED_OUT || (err instanceof Error && err.message.includes('timeout exceeded when trying to connect'))) {
+      // A full pool means the wait was for a free client; otherwise a new connection took too long.
+      return this.pool.totalCount >= this.max
+        ? new FST_REQUEST_DB_ACQUIRE_TIMEOUT(this.acquireTimeoutMs)
+        : new FST_REQUEST_DB_UNAVAILABLE(`no connection within ${this.acquireTimeoutMs}ms`)
+    }
+    if (this.pool.ending === true || (err instanceof Error && err.message.includes('after calling end on the pool'))) {
+      return new FST_REQUEST_DB_CLOSING()
+    }
+    return unavailable(err, this.redact)
+  }
+}
+
+function onHeldClientError (this: TrackedClient, err: Error): void {
+  // Idle clients are pg-pool's to report (its 'error' event on the pool); held ones are ours.
+  this[kHolder]?.connectionFailed(err)
+}
+
+/** Wrap a connection-level failure in the typed 503, message redacted, original kept as cause. */
+export function unavailable (err: unknown, redact: (text: string) => string): Error {
+  const message = err instanceof Error ? err.message : String(err)
+  return new FST_REQUEST_DB_UNAVAILABLE(redact(message), { cause: err })
+}
+
+// SQLSTATE classes that mean the connection, not the statement, failed: 08 connection exception,
+// 57P01-57P03 admin/crash shutdown and cannot-connect-now. Socket errors carry errno codes.
+const CONNECTION_CODES = new Set(['57P01', '57P02', '57P03', 'ECONNREFUSED', 'ECONNRESET', 'EPIPE', 'ETIMEDOUT', 'ENOTFOUND', 'EAI_AGAIN', 'EHOSTUNREACH'])
+
+/** Did this error break the connection (as opposed to failing one statement)? */
+export function isConnectionError (err: unknown): boolean {
+  if (!(err instanceof Error)) return false
+  const code = (err as { code?: unknown }).code
+  if (typeof code === 'string') return code.startsWith('08') || CONNECTION_CODES.has(code)
+  return /Connection terminated|not queryable/i.test(err.message)
+}

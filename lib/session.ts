@@ -1,0 +1,161 @@
+import type { PoolClient, QueryConfig, QueryResult, QueryResultRow } from 'pg'
+import { requestCancel } from './cancel.js'
+import { FST_REQUEST_DB_COMMIT_FAILED } from './errors.js'
+import { type ClientGate, type ClientHolder, isConnectionError, unavailable } from './pool.js'
+import { changesSessionState } from './session-state.js'
+import { runTransaction, type TransactionHost } from './transaction.js'
+
+/** Queries on one connection: what `app.db.transaction` and `request.db.transaction` hand to `fn`. */
+export interface DbSession {
+  /** Run a statement; rows are typed by the generic. */
+  query<R extends QueryResultRow = any, V extends unknown[] = unknown[]> (
+    text: string | QueryConfig<V>, values?: V
+  ): Promise<QueryResult<R>>
+  /** BEGIN … COMMIT around `fn`; ROLLBACK and rethrow if it throws. Nested calls use SAVEPOINTs. */
+  transaction<T> (fn: (tx: this) => Promise<T> | T): Promise<T>
+}
+
+// How long a cancelled statement may take to stop before its connection is closed instead.
+export const CANCEL_GRACE_MS = 2000
+
+/**
+ * One pool client held for a while, and the books on it: statements in flight, open transactions,
+ * whether the session was changed (then the connection is closed, not reused) or broke.
+ */
+export class Session implements ClientHolder, TransactionHost<Session>, DbSession {
+  readonly countsAsLease: boolean = false
+  /** The client queries go to; null when none is held (or no longer usable). */
+  protected current: PoolClient | null = null
+  protected readonly gate: ClientGate
+  txDepth = 0
+  protected pending = 0
+  protected dirty = false
+  protected broken = false
+  private settled: (() => void) | null = null
+
+  constructor (gate: ClientGate) {
+    this.gate = gate
+  }
+
+  get tx (): this {
+    return this
+  }
+
+  query<R extends QueryResultRow = any, V extends unknown[] = unknown[]> (text: string | QueryConfig<V>, values?: V): Promise<QueryResult<R>> {
+    const client = this.current
+    if (client === null) return this.queryWithoutClient(text, values)
+    return this.send(client, text, values)
+  }
+
+  transaction<T> (fn: (tx: this) => Promise<T> | T): Promise<T> {
+    return runTransaction<this, T>(this, fn)
+  }
+
+  async control (sql: string): Promise<void> {
+    const result = await this.query(sql)
+    // COMMIT of a transaction in which a statement failed rolls back and reports success: the
+    // command tag is the only sign. The caller caught that statement's error; it must not see "ok".
+    if (sql === 'COMMIT' && result.command === 'ROLLBACK') {
+      throw new FST_REQUEST_DB_COMMIT_FAILED('a statement in the transaction failed, so it was rolled back')
+    }
+  }
+
+  rollbackFailed (rollbackError: unknown, cause: unknown): void {
+    this.broken = true
+    this.gate.log.error({ err: rollbackError, cause }, 'fastify-request-db: ROLLBACK failed; the connection will be closed')
+  }
+
+  connectionFailed (err: Error): void {
+    this.broken = true
+    this.gate.log.warn({ err: { type: err.name, message: this.gate.redact(err.message), code: (err as { code?: string }).code } },
+      'fastify-request-db: a held database connection failed')
+  }
+
+  forceRelease (): void {
+    this.broken = true
+    const client = this.current
+    if (client !== null && this.isBusy(client)) void requestCancel(client as never)
+  }
+
+  /** Take a client now (for `app.db`). */
+  async open (): Promise<void> {
+    this.current = await this.gate.acquire(this)
+  }
+
+  /** Give the client back once nothing runs on it. Never throws. */
+  async close (): Promise<void> {
+    const client = this.current
+    if (client === null) return
+    this.current = null
+    await this.giveBack(client, false)
+  }
+
+  protected queryWithoutClient (_text: string | QueryConfig, _values?: unknown[]): Promise<any> {
+    return Promise.reject(new Error('fastify-request-db: this session is over'))
+  }
+
+  protected async send<R extends QueryResultRow> (client: PoolClient, text: string | QueryConfig, values?: unknown[]): Promise<QueryResult<R>> {
+    if (this.broken) throw unavailable(new Error('the connection failed earlier in this request'), this.gate.redact)
+    if (!this.dirty && changesSessionState(typeof text === 'string' ? text : text.text)) this.dirty = true
+    this.pending++
+    try {
+      return await client.query<R>(text as string, values)
+    } catch (err) {
+      if (isConnectionError(err)) {
+        this.broken = true
+        throw unavailable(err, this.gate.redact)
+      }
+      throw err
+    } finally {
+      if (--this.pending === 0 && this.settled !== null) this.settled()
+    }
+  }
+
+  protected isBusy (client: PoolClient): boolean {
+    // activeQuery is pg's own record of what is on the wire: it also sees statements a user ran on
+    // the raw client, which `pending` does not count.
+    return this.pending > 0 || (client as { activeQuery?: unknown }).activeQuery != null
+  }
+
+  /** Resolves when no statement of ours is in flight, or after `ms`. */
+  protected whenSettled (ms: number): Promise<void> {
+    if (this.pending === 0) return Promise.resolve()
+    return new Promise((resolve) => {
+      const timer = ms === Number.POSITIVE_INFINITY ? null : setTimeout(done, ms)
+      const self = this
+      function done (): void {
+        if (timer !== null) clearTimeout(timer)
+        self.settled = null
+        resolve()
+      }
+      this.settled = done
+    })
+  }
+
+  /**
+   * Return the client to the pool in a state the next user can trust: a transaction left open is
+   * rolled back; a connection that broke, changed its session, or still runs something is closed.
+   */
+  protected async giveBack (client: PoolClient, closeConnection: boolean, poolRelease?: PoolClient['release']): Promise<void> {
+    let destroy = closeConnection || this.broken || this.dirty || this.isBusy(client)
+    if (!destroy && this.transactionStatus(client) !== 'I') {
+      try {
+        await client.query('ROLLBACK')
+      } catch {
+        destroy = true
+      }
+    }
+    this.txDepth = 0
+    try {
+      this.gate.release(this, client, destroy, poolRelease)
+    } catch (err) {
+      this.gate.log.error({ err }, 'fastify-request-db: giving a client back failed')
+    }
+  }
+
+  private transactionStatus (client: PoolClient): string {
+    // pg >= 8.21 tracks the server's own answer (ReadyForQuery); older or foreign clients: our count.
+    const status = typeof client.getTransactionStatus === 'function' ? client.getTransactionStatus() : null
+    return status ?? (this.txDepth > 0 ? 'T' : 'I')
+  }
+}

@@ -1,0 +1,40 @@
+#!/usr/bin/env node
+// Run a command with DATABASE_URL pointing at a PostgreSQL server: the one already in DATABASE_URL,
+// or a throwaway embedded one that lives exactly as long as the command.
+//   node scripts/with-postgres.mjs tap
+import { spawn } from 'node:child_process'
+import { startEmbeddedPostgres } from './embedded-postgres.mjs'
+
+const [command, ...args] = process.argv.slice(2)
+if (!command) {
+  console.error('usage: node scripts/with-postgres.mjs <command> [args…]')
+  process.exit(2)
+}
+
+let server = null
+if (!process.env.DATABASE_URL) {
+  process.stderr.write('Starting an embedded PostgreSQL for this run (set DATABASE_URL to use your own)…\n')
+  server = await startEmbeddedPostgres()
+}
+
+const env = { ...process.env, DATABASE_URL: process.env.DATABASE_URL || server.url }
+if (server) env.REQUEST_DB_EMBEDDED_PORT = String(server.port)
+const child = spawn(command, args, { stdio: 'inherit', env, shell: process.platform === 'win32' })
+
+let stopping = false
+async function finish (code) {
+  if (stopping) return
+  stopping = true
+  if (server) await server.stop()
+  process.exit(code)
+}
+for (const signal of ['SIGINT', 'SIGTERM']) {
+  process.on(signal, () => {
+    child.kill(signal)
+  })
+}
+child.on('exit', (code, signal) => finish(code ?? (signal ? 1 : 0)))
+child.on('error', (err) => {
+  console.error(err.message)
+  finish(1)
+})

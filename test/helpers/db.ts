@@ -1,0 +1,66 @@
+// Each test file gets its own database on the run's server (tap runs files in parallel), dropped
+// at the end. DATABASE_URL is set by scripts/with-postgres.mjs (an embedded server) or by the user.
+import Fastify, { type FastifyInstance, type FastifyServerOptions } from 'fastify'
+import pg from 'pg'
+import requestDb, { type RequestDbOptions } from '../../lib/index.js'
+
+type Test = { teardown (fn: () => unknown): void, name: string }
+
+export const adminUrl: string = (() => {
+  const url = process.env.DATABASE_URL
+  if (!url) throw new Error('DATABASE_URL is not set: run the tests with `npm test`')
+  return url
+})()
+
+let counter = 0
+
+export interface TestDatabase {
+  name: string
+  url: string
+  /** A connection as the same user, outside any app under test. */
+  admin: pg.Pool
+}
+
+export async function createDatabase (t: Test): Promise<TestDatabase> {
+  const name = `rdb_${process.pid}_${Date.now().toString(36)}_${counter++}`
+  const admin = new pg.Pool({ connectionString: adminUrl, max: 2 })
+  await admin.query(`CREATE DATABASE ${name}`)
+  const url = new URL(adminUrl)
+  url.pathname = `/${name}`
+  const dbAdmin = new pg.Pool({ connectionString: url.toString(), max: 3, application_name: 'test-admin' })
+  t.teardown(async () => {
+    await dbAdmin.end()
+    await admin.query(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`)
+    await admin.end()
+  })
+  return { name, url: url.toString(), admin: dbAdmin }
+}
+
+/** An app on `db` with the plugin registered; closed when the test ends. */
+export async function buildApp (t: Test, db: TestDatabase, options: RequestDbOptions = {}, fastifyOptions: FastifyServerOptions = {}): Promise<FastifyInstance> {
+  const app = Fastify({ logger: false, ...fastifyOptions })
+  t.teardown(() => app.close())
+  await app.register(requestDb, { env: { DATABASE_URL: db.url }, ...options })
+  return app
+}
+
+/** Backends of the app under test: client connections to `db` other than the admin pool's. */
+export async function appBackends (db: TestDatabase): Promise<Array<{ pid: number, state: string, query: string }>> {
+  const { rows } = await db.admin.query(
+    `SELECT pid, state, query FROM pg_stat_activity
+      WHERE datname = $1 AND backend_type = 'client backend' AND pid <> pg_backend_pid()
+        AND application_name <> 'test-admin'`, [db.name])
+  return rows
+}
+
+/** Poll until `check` returns a truthy value, or fail after `ms`. */
+export async function waitFor<T> (check: () => Promise<T> | T, ms = 5000, what = 'condition'): Promise<T> {
+  const deadline = Date.now() + ms
+  let last: T
+  for (;;) {
+    last = await check()
+    if (last) return last
+    if (Date.now() > deadline) throw new Error(`timed out after ${ms}ms waiting for ${what}`)
+    await new Promise((resolve) => setTimeout(resolve, 25))
+  }
+}
