@@ -52,9 +52,10 @@ export class Lease extends Session implements RequestDb {
   async client (): Promise<PoolClient> {
     const client = this.current ?? await this.checkout()
     if (this.poolRelease === undefined) {
+      this.rawHandedOut = true
       this.poolRelease = client.release
       // User code may release the client it was handed: that gives it back (once) through us.
-      client.release = (err?: Error | boolean) => this.releasedByUser(client, err)
+      client.release = () => this.releasedByUser(client)
     }
     return client
   }
@@ -95,7 +96,7 @@ export class Lease extends Session implements RequestDb {
     // Nothing was in flight and no transaction is open: drop the dead connection now, and the next
     // query of this request quietly takes a fresh one. Inside a transaction the work is lost, so the
     // next query fails (503) instead of silently continuing outside it.
-    if (client !== null && this.state === ACTIVE && !this.isBusy(client) && this.txDepth === 0 && this.poolRelease === undefined) {
+    if (client !== null && this.state === ACTIVE && !this.isBusy() && this.txDepth === 0) {
       this.current = null
       this.state = IDLE
       this.broken = false
@@ -161,7 +162,7 @@ export class Lease extends Session implements RequestDb {
     const client = this.current as PoolClient
     this.current = null
     this.routeTxOpen = false
-    if (aborted && this.isBusy(client)) void requestCancel(client as never)
+    if (aborted && this.isBusy()) void requestCancel(client as never)
     void this.finish(client, aborted)
   }
 
@@ -169,23 +170,24 @@ export class Lease extends Session implements RequestDb {
     // A response that was sent normally lets its statements finish; an aborted one had them
     // cancelled, and a statement that ignores the cancel loses its connection.
     await this.whenSettled(aborted ? CANCEL_GRACE_MS : Number.POSITIVE_INFINITY)
-    await this.giveBack(client, this.poolRelease !== undefined, this.poolRelease)
+    await this.giveBack(client, this.rawHandedOut, this.poolRelease)
   }
 
   private cancelRunning (): void {
     const client = this.current
-    if (client !== null && this.isBusy(client)) void requestCancel(client as never)
+    if (client !== null && this.isBusy()) void requestCancel(client as never)
   }
 
-  private releasedByUser (client: PoolClient, err?: Error | boolean): void {
+  private releasedByUser (client: PoolClient): void {
     if (this.current !== client) return
     this.current = null
     this.routeTxOpen = false
     if (this.state === ACTIVE) this.state = IDLE
     const poolRelease = this.poolRelease
     this.poolRelease = undefined
+    this.rawHandedOut = false
+    // Its statements were not ours to see, so its session state is unknown: close it.
     void this.giveBack(client, true, poolRelease)
-    void err
   }
 }
 

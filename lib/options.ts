@@ -219,8 +219,10 @@ function parseConnectionString (setting: string, value: unknown, secrets: string
   try {
     url = new URL(value)
   } catch {
-    // Not chained with { cause }: Node's URL error carries the whole input, password included.
-    throw new FST_REQUEST_DB_INVALID_OPTION(setting, shown, 'is not a valid URL (expected postgres://user:password@host:port/database)')
+    // An unparseable URL can't have its password found and masked, so it is not shown at all. Not
+    // chained with { cause } either: Node's URL error carries the whole input.
+    throw new FST_REQUEST_DB_INVALID_OPTION(setting, `<${value.length} characters, hidden>`,
+      'is not a valid URL (expected postgres://user:password@host:port/database)')
   }
   if (url.password) {
     secrets.push(url.password)

@@ -31,6 +31,8 @@ export class Session implements ClientHolder, TransactionHost<Session>, DbSessio
   protected pending = 0
   protected dirty = false
   protected broken = false
+  /** The raw client was handed to user code (request.db.client()). */
+  protected rawHandedOut = false
   private settled: (() => void) | null = null
 
   constructor (gate: ClientGate) {
@@ -74,7 +76,7 @@ export class Session implements ClientHolder, TransactionHost<Session>, DbSessio
   forceRelease (): void {
     this.broken = true
     const client = this.current
-    if (client !== null && this.isBusy(client)) void requestCancel(client as never)
+    if (client !== null && this.isBusy()) void requestCancel(client as never)
   }
 
   /** Take a client now (for `app.db`). */
@@ -111,10 +113,9 @@ export class Session implements ClientHolder, TransactionHost<Session>, DbSessio
     }
   }
 
-  protected isBusy (client: PoolClient): boolean {
-    // activeQuery is pg's own record of what is on the wire: it also sees statements a user ran on
-    // the raw client, which `pending` does not count.
-    return this.pending > 0 || (client as { activeQuery?: unknown }).activeQuery != null
+  /** Might a statement be running? Statements a user runs on the raw client are not counted. */
+  protected isBusy (): boolean {
+    return this.pending > 0 || this.rawHandedOut
   }
 
   /** Resolves when no statement of ours is in flight, or after `ms`. */
@@ -137,7 +138,7 @@ export class Session implements ClientHolder, TransactionHost<Session>, DbSessio
    * rolled back; a connection that broke, changed its session, or still runs something is closed.
    */
   protected async giveBack (client: PoolClient, closeConnection: boolean, poolRelease?: PoolClient['release']): Promise<void> {
-    let destroy = closeConnection || this.broken || this.dirty || this.isBusy(client)
+    let destroy = closeConnection || this.broken || this.dirty || this.isBusy()
     if (!destroy && this.transactionStatus(client) !== 'I') {
       try {
         await client.query('ROLLBACK')
