@@ -64,3 +64,28 @@ export async function waitFor<T> (check: () => Promise<T> | T, ms = 5000, what =
     await new Promise((resolve) => setTimeout(resolve, 25))
   }
 }
+
+/**
+ * A real pg.Pool seen through the plugin's PostgresPool slice, counting every checkout and every
+ * release (pg-pool itself throws on a second release of one checkout; this records it).
+ */
+export function countingPool (url: string, max = 10): { pool: pg.Pool, counts: { acquired: number, released: number, destroyed: number, doubleReleases: number } } {
+  const real = new pg.Pool({ connectionString: url, max, connectionTimeoutMillis: 5000 })
+  const counts = { acquired: 0, released: 0, destroyed: 0, doubleReleases: 0 }
+  const connect = real.connect.bind(real)
+  ;(real as unknown as { connect: () => Promise<pg.PoolClient> }).connect = async () => {
+    const client = await connect()
+    counts.acquired++
+    const release = client.release
+    let done = false
+    client.release = (err?: Error | boolean) => {
+      if (done) counts.doubleReleases++
+      done = true
+      counts.released++
+      if (err) counts.destroyed++
+      return release.call(client, err)
+    }
+    return client
+  }
+  return { pool: real, counts }
+}
