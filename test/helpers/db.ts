@@ -19,6 +19,8 @@ export interface TestDatabase {
   url: string
   /** A connection as the same user, outside any app under test. */
   admin: pg.Pool
+  /** Closed before the database is dropped. */
+  closeFirst: Array<() => Promise<unknown>>
 }
 
 export async function createDatabase (t: Test): Promise<TestDatabase> {
@@ -28,18 +30,24 @@ export async function createDatabase (t: Test): Promise<TestDatabase> {
   const url = new URL(adminUrl)
   url.pathname = `/${name}`
   const dbAdmin = new pg.Pool({ connectionString: url.toString(), max: 3, application_name: 'test-admin' })
+  // Tests kill backends on purpose; an idle admin client hit by that must not crash the run.
+  dbAdmin.on('error', () => {})
+  admin.on('error', () => {})
+  const closeFirst: Array<() => Promise<unknown>> = []
   t.teardown(async () => {
+    // Apps first: dropping the database terminates whatever is still connected to it.
+    for (const close of closeFirst.reverse()) await close().catch(() => {})
     await dbAdmin.end()
     await admin.query(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`)
     await admin.end()
   })
-  return { name, url: url.toString(), admin: dbAdmin }
+  return { name, url: url.toString(), admin: dbAdmin, closeFirst }
 }
 
 /** An app on `db` with the plugin registered; closed when the test ends. */
-export async function buildApp (t: Test, db: TestDatabase, options: RequestDbOptions = {}, fastifyOptions: FastifyServerOptions = {}): Promise<FastifyInstance> {
+export async function buildApp (_t: Test, db: TestDatabase, options: RequestDbOptions = {}, fastifyOptions: FastifyServerOptions = {}): Promise<FastifyInstance> {
   const app = Fastify({ logger: false, ...fastifyOptions })
-  t.teardown(() => app.close())
+  db.closeFirst.push(() => app.close())
   await app.register(requestDb, { env: { DATABASE_URL: db.url }, ...options })
   return app
 }

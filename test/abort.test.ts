@@ -1,0 +1,174 @@
+// Requests that end badly over real sockets: the client hangs up, handlerTimeout or
+// connectionTimeout fires, the body trickles in. Uses app.listen and node:http, not inject.
+import { request as httpRequest } from 'node:http'
+import { connect } from 'node:net'
+import type { AddressInfo } from 'node:net'
+import type { FastifyInstance } from 'fastify'
+import t from 'tap'
+import { appBackends, buildApp, createDatabase, type TestDatabase, waitFor } from './helpers/db.js'
+
+async function listen (app: FastifyInstance): Promise<number> {
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  return (app.server.address() as AddressInfo).port
+}
+
+/** GET that the client abandons after `ms` by destroying its socket. */
+function getThenHangUp (port: number, path: string, ms: number): Promise<void> {
+  return new Promise((resolve) => {
+    const req = httpRequest({ port, host: '127.0.0.1', path, agent: false })
+    req.on('error', () => resolve())
+    req.on('response', () => resolve())
+    req.end()
+    setTimeout(() => { req.destroy(); resolve() }, ms)
+  })
+}
+
+function get (port: number, path: string): Promise<{ status: number, body: string }> {
+  return new Promise((resolve, reject) => {
+    const req = httpRequest({ port, host: '127.0.0.1', path, agent: false }, (res) => {
+      let body = ''
+      res.setEncoding('utf8')
+      res.on('data', (c) => { body += c })
+      res.on('end', () => resolve({ status: res.statusCode ?? 0, body }))
+    })
+    req.on('error', reject)
+    req.end()
+  })
+}
+
+async function sleepingQueries (db: TestDatabase): Promise<number> {
+  return (await appBackends(db)).filter((b) => b.state === 'active' && b.query.includes('pg_sleep')).length
+}
+
+t.test('client disconnects mid-query: the query is cancelled on the server and the client released', async (t) => {
+  const db = await createDatabase(t)
+  const app = await buildApp(t, db)
+  let handlerError: unknown = null
+  app.get('/slow', async (request) => {
+    try {
+      await request.db.query('SELECT pg_sleep(30)')
+    } catch (err) {
+      handlerError = err
+      throw err
+    }
+    return 'finished'
+  })
+  const port = await listen(app)
+  const hungUp = getThenHangUp(port, '/slow', 60_000)
+  await waitFor(() => sleepingQueries(db), 5000, 'the query to start')
+  const started = Date.now()
+  // Hang up now that the statement runs: the server side sees its socket close.
+  app.server.closeAllConnections()
+  await hungUp
+  await waitFor(async () => (await sleepingQueries(db)) === 0, 3000, 'the statement to leave pg_stat_activity')
+  t.ok(Date.now() - started < 2000, `cancelled within about a second (${Date.now() - started}ms)`)
+  await waitFor(() => app.db.stats().leased === 0, 3000, 'release')
+  t.match(String((handlerError as Error)?.message), /cancel/i, 'the handler saw its statement cancelled')
+  t.equal(app.db.stats().leased, 0)
+  t.equal((await get(port, '/health-unknown')).status, 404, 'the server keeps serving')
+})
+
+t.test('client hang-up via its own socket while the statement runs', async (t) => {
+  const db = await createDatabase(t)
+  const app = await buildApp(t, db, { max: 2 })
+  app.get('/slow', async (request) => {
+    await request.db.query('SELECT pg_sleep(30)')
+    return 'finished'
+  })
+  app.get('/quick', async (request) => (await request.db.query('SELECT 1 AS one')).rows[0])
+  const port = await listen(app)
+  const socket = connect(port, '127.0.0.1')
+  socket.on('error', () => {})
+  socket.write('GET /slow HTTP/1.1\r\nHost: x\r\n\r\n')
+  await waitFor(() => sleepingQueries(db), 5000, 'the query to start')
+  t.equal(app.db.stats().leased, 1)
+  const started = Date.now()
+  socket.destroy()
+  await waitFor(async () => (await sleepingQueries(db)) === 0, 3000, 'the statement to be cancelled')
+  t.ok(Date.now() - started < 2000, `gone from pg_stat_activity in ${Date.now() - started}ms`)
+  await waitFor(() => app.db.stats().leased === 0, 3000, 'release')
+  for (let i = 0; i < 5; i++) t.equal((await get(port, '/quick')).status, 200, `request ${i} afterwards`)
+})
+
+t.test('handlerTimeout: 503 for the client, the statement cancelled, the client released', async (t) => {
+  const db = await createDatabase(t)
+  const app = await buildApp(t, db, {}, { handlerTimeout: 300 })
+  app.get('/slow', async (request) => {
+    await request.db.query('SELECT pg_sleep(30)')
+    return 'finished'
+  })
+  const port = await listen(app)
+  const started = Date.now()
+  const res = await get(port, '/slow')
+  t.equal(res.status, 503)
+  await waitFor(async () => (await sleepingQueries(db)) === 0, 3000, 'cancel')
+  t.ok(Date.now() - started < 2500, `cancelled in ${Date.now() - started}ms`)
+  await waitFor(() => app.db.stats().leased === 0, 3000, 'release')
+})
+
+t.test('connectionTimeout: the socket is closed under the request; the statement is cancelled', async (t) => {
+  const db = await createDatabase(t)
+  const app = await buildApp(t, db, {}, { connectionTimeout: 400 })
+  app.get('/slow', async (request) => {
+    await request.db.query('SELECT pg_sleep(30)')
+    return 'finished'
+  })
+  const port = await listen(app)
+  const outcome = await get(port, '/slow').then((r) => `status ${r.status}`, (e: Error) => e.message)
+  t.match(outcome, /socket hang up|ECONNRESET|status 5/, `the client sees the connection end (${outcome})`)
+  await waitFor(async () => (await sleepingQueries(db)) === 0, 3000, 'cancel')
+  await waitFor(() => app.db.stats().leased === 0, 3000, 'release')
+})
+
+t.test('a client that hangs up while its request waits for a pool client', async (t) => {
+  const db = await createDatabase(t)
+  const app = await buildApp(t, db, { max: 1 })
+  app.get('/hold', async (request) => {
+    await request.db.query('SELECT pg_sleep(0.6)')
+    return 'held'
+  })
+  app.get('/wait', async (request) => (await request.db.query('SELECT 1 AS one')).rows[0])
+  const port = await listen(app)
+  const holder = get(port, '/hold')
+  await waitFor(() => sleepingQueries(db), 5000, 'the holder to start')
+  await getThenHangUp(port, '/wait', 150)
+  t.equal((await holder).body, 'held')
+  await waitFor(() => app.db.stats().leased === 0, 3000, 'the waiter gave the client straight back')
+  t.equal((await get(port, '/wait')).status, 200)
+})
+
+t.test('a slowly trickled request body holds no pool client', async (t) => {
+  const db = await createDatabase(t)
+  const app = await buildApp(t, db, { idleTimeoutMs: 0 })
+  app.post('/echo', async (request) => {
+    const { rows } = await request.db.query<{ n: number }>('SELECT length($1::text) AS n', [JSON.stringify(request.body)])
+    return rows[0]
+  })
+  const port = await listen(app)
+  const before = app.db.stats()
+  const body = JSON.stringify({ text: 'x'.repeat(50) })
+  const result = new Promise<{ status: number, body: string }>((resolve, reject) => {
+    const req = httpRequest({ port, host: '127.0.0.1', path: '/echo', method: 'POST', agent: false, headers: { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) } }, (res) => {
+      let text = ''
+      res.on('data', (c) => { text += c })
+      res.on('end', () => resolve({ status: res.statusCode ?? 0, body: text }))
+    })
+    req.on('error', reject)
+    let i = 0
+    const timer = setInterval(() => {
+      req.write(body.slice(i, i + 10))
+      i += 10
+      if (i >= body.length) { clearInterval(timer); req.end() }
+    }, 100)
+  })
+  // Sample while the body is still arriving.
+  const samples: number[] = []
+  for (let i = 0; i < 5; i++) {
+    await new Promise((resolve) => setTimeout(resolve, 80))
+    samples.push(app.db.stats().leased + app.db.stats().total - before.total)
+  }
+  t.same(samples, [0, 0, 0, 0, 0], 'no client taken while the body trickles in')
+  const res = await result
+  t.equal(res.status, 200)
+  t.same(JSON.parse(res.body), { n: body.length })
+})
