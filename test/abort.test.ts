@@ -16,10 +16,11 @@ async function listen (app: FastifyInstance): Promise<number> {
 function getThenHangUp (port: number, path: string, ms: number): Promise<void> {
   return new Promise((resolve) => {
     const req = httpRequest({ port, host: '127.0.0.1', path, agent: false })
-    req.on('error', () => resolve())
-    req.on('response', () => resolve())
+    const timer = setTimeout(() => { req.destroy(); resolve() }, ms)
+    const done = (): void => { clearTimeout(timer); resolve() }
+    req.on('error', done)
+    req.on('response', done)
     req.end()
-    setTimeout(() => { req.destroy(); resolve() }, ms)
   })
 }
 

@@ -1,0 +1,83 @@
+// Route option config: { db: { transaction: true } }: the whole request in one transaction.
+import Fastify from 'fastify'
+import t from 'tap'
+import requestDb from '../lib/index.js'
+import { buildApp, createDatabase, waitFor } from './helpers/db.js'
+
+t.test('committed before the response when the handler succeeds; rolled back when it throws', async (t) => {
+  const db = await createDatabase(t)
+  await db.admin.query('CREATE TABLE orders (id int PRIMARY KEY)')
+  const app = await buildApp(t, db)
+  const tx = { config: { db: { transaction: true } } }
+  app.post('/ok/:id', tx, async (request) => {
+    await request.db.query('INSERT INTO orders VALUES ($1)', [Number((request.params as { id: string }).id)])
+    // Inside the route's transaction, transaction() nests as a savepoint.
+    await request.db.transaction(async (inner) => { await inner.query('SELECT 1') })
+    const { rows } = await request.db.query("SELECT now() = statement_timestamp() AS same_statement")
+    return { inTransaction: rows[0].same_statement === false }
+  })
+  app.post('/throws', tx, async (request) => {
+    await request.db.query('INSERT INTO orders VALUES (100)')
+    throw new Error('after the insert')
+  })
+  app.post('/client-error', tx, async (request, reply) => {
+    await request.db.query('INSERT INTO orders VALUES (200)')
+    return reply.code(422).send({ invalid: true })
+  })
+  app.post('/no-db', tx, async () => 'nothing to commit')
+
+  t.same((await app.inject({ method: 'POST', url: '/ok/1' })).json(), { inTransaction: true })
+  t.equal((await app.inject({ method: 'POST', url: '/ok/2' })).statusCode, 200)
+  // Checked the moment the response arrives: the commit must already be visible to others.
+  t.equal((await db.admin.query('SELECT count(*)::int AS n FROM orders WHERE id = 2')).rows[0].n, 1, 'committed before the response went out')
+  t.equal((await app.inject({ method: 'POST', url: '/throws' })).statusCode, 500)
+  t.equal((await app.inject({ method: 'POST', url: '/client-error' })).statusCode, 422)
+  t.equal((await app.inject({ method: 'POST', url: '/no-db' })).body, 'nothing to commit')
+  t.same((await db.admin.query('SELECT id FROM orders ORDER BY id')).rows, [{ id: 1 }, { id: 2 }], 'only the successful requests committed')
+  await waitFor(() => app.db.stats().leased === 0, 2000, 'release')
+})
+
+t.test('COMMIT that fails (deferred constraint) gives the client a 5xx, never a 2xx', async (t) => {
+  const db = await createDatabase(t)
+  await db.admin.query(`CREATE TABLE parents (id int PRIMARY KEY);
+    CREATE TABLE children (parent int REFERENCES parents (id) DEFERRABLE INITIALLY DEFERRED)`)
+  const app = await buildApp(t, db)
+  app.post('/orphan', { config: { db: { transaction: true } } }, async (request) => {
+    await request.db.query('INSERT INTO children VALUES (42)')
+    return { created: true }
+  })
+  app.post('/swallowed', { config: { db: { transaction: true } } }, async (request) => {
+    await request.db.query('INSERT INTO parents VALUES (1)')
+    await request.db.query('SELECT 1/0').catch(() => {})
+    return { created: true }
+  })
+  const res = await app.inject({ method: 'POST', url: '/orphan' })
+  t.equal(res.statusCode, 500)
+  t.equal(res.json().code, 'FST_REQUEST_DB_COMMIT_FAILED')
+  t.match(res.json().message, /foreign key/)
+  const swallowed = await app.inject({ method: 'POST', url: '/swallowed' })
+  t.equal(swallowed.statusCode, 500, 'a transaction that failed inside is not reported as committed')
+  t.equal(swallowed.json().code, 'FST_REQUEST_DB_COMMIT_FAILED')
+  t.same((await db.admin.query('SELECT (SELECT count(*)::int FROM children) AS c, (SELECT count(*)::int FROM parents) AS p')).rows[0], { c: 0, p: 0 })
+  await waitFor(() => app.db.stats().leased === 0, 2000, 'release')
+})
+
+t.test('routes declared right after a register() that was not awaited get request.db and their transaction', async (t) => {
+  const db = await createDatabase(t)
+  await db.admin.query('CREATE TABLE marks (v int)')
+  const app = Fastify({ logger: false })
+  db.closeFirst.push(() => app.close())
+  void app.register(requestDb, { env: { DATABASE_URL: db.url } })
+  app.post('/rollback-me', { config: { db: { transaction: true } } }, async (request) => {
+    await request.db.query('INSERT INTO marks VALUES (1)')
+    throw new Error('undo it')
+  })
+  app.post('/commit-me', { config: { db: { transaction: true } } }, async (request) => {
+    await request.db.query('INSERT INTO marks VALUES (2)')
+    return 'ok'
+  })
+  await app.ready()
+  t.equal((await app.inject({ method: 'POST', url: '/rollback-me' })).statusCode, 500)
+  t.equal((await app.inject({ method: 'POST', url: '/commit-me' })).statusCode, 200)
+  t.same((await db.admin.query('SELECT v FROM marks')).rows, [{ v: 2 }])
+})
