@@ -87,6 +87,7 @@ export class Lease extends Session implements RequestDb {
 
   override forceRelease (): void {
     this.broken = true
+    this.shutdownCancel = true
     this.end(true)
   }
 

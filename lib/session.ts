@@ -1,6 +1,6 @@
 import type { PoolClient, QueryConfig, QueryResult, QueryResultRow } from 'pg'
 import { requestCancel } from './cancel.js'
-import { FST_REQUEST_DB_COMMIT_FAILED } from './errors.js'
+import { FST_REQUEST_DB_CLOSING, FST_REQUEST_DB_COMMIT_FAILED } from './errors.js'
 import { type ClientGate, type ClientHolder, isConnectionError, unavailable } from './pool.js'
 import { changesSessionState } from './session-state.js'
 import { runTransaction, type TransactionHost } from './transaction.js'
@@ -33,6 +33,8 @@ export class Session implements ClientHolder, TransactionHost<Session>, DbSessio
   protected broken = false
   /** The raw client was handed to user code (request.db.client()). */
   protected rawHandedOut = false
+  /** Shutdown cancelled this session's statements: their errors become FST_REQUEST_DB_CLOSING. */
+  protected shutdownCancel = false
   private settled: (() => void) | null = null
 
   constructor (gate: ClientGate) {
@@ -75,6 +77,7 @@ export class Session implements ClientHolder, TransactionHost<Session>, DbSessio
 
   forceRelease (): void {
     this.broken = true
+    this.shutdownCancel = true
     const client = this.current
     if (client !== null && this.isBusy()) void requestCancel(client as never)
   }
@@ -103,6 +106,7 @@ export class Session implements ClientHolder, TransactionHost<Session>, DbSessio
     try {
       return await client.query<R>(text as string, values)
     } catch (err) {
+      if (this.shutdownCancel) throw new FST_REQUEST_DB_CLOSING({ cause: err })
       if (isConnectionError(err)) {
         this.broken = true
         throw unavailable(err, this.gate.redact)

@@ -1,0 +1,74 @@
+// app.close(): no new connections from preClose on, held clients waited for (up to
+// shutdownTimeoutMs), then cancelled; the pool ended; nothing of the app left on the server.
+import { request as httpRequest } from 'node:http'
+import type { AddressInfo } from 'node:net'
+import t from 'tap'
+import { appBackends, buildApp, createDatabase, waitFor } from './helpers/db.js'
+
+function get (port: number, path: string): Promise<number> {
+  return new Promise((resolve) => {
+    const req = httpRequest({ port, host: '127.0.0.1', path, agent: false }, (res) => {
+      res.resume()
+      res.on('end', () => resolve(res.statusCode ?? 0))
+    })
+    req.on('error', () => resolve(0))
+    req.end()
+  })
+}
+
+t.test('close() waits for a request that holds a client, then ends the pool: no backend left', async (t) => {
+  const db = await createDatabase(t)
+  const app = await buildApp(t, db)
+  app.get('/work', async (request) => {
+    await request.db.query('SELECT pg_sleep(0.5)')
+    return 'done'
+  })
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const port = (app.server.address() as AddressInfo).port
+  const inFlight = get(port, '/work')
+  await waitFor(() => app.db.stats().leased === 1, 3000, 'the request to hold a client')
+  await app.close()
+  t.equal(await inFlight, 200, 'the request in flight finished normally')
+  t.same(app.db.stats(), { total: 0, idle: 0, waiting: 0, leased: 0 })
+  t.equal((await appBackends(db)).length, 0, 'the database shows no backend of the app')
+})
+
+t.test('past shutdownTimeoutMs, running statements are cancelled; close() returns within the bound', async (t) => {
+  const db = await createDatabase(t)
+  const shutdownTimeoutMs = 400
+  const app = await buildApp(t, db, { shutdownTimeoutMs })
+  app.get('/stuck', async (request) => {
+    await request.db.query('SELECT pg_sleep(60)')
+    return 'never'
+  })
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const port = (app.server.address() as AddressInfo).port
+  const inFlight = get(port, '/stuck')
+  await waitFor(async () => (await appBackends(db)).some((b) => b.query.includes('pg_sleep(60)') && b.state === 'active'), 3000, 'the statement')
+  const started = Date.now()
+  await app.close()
+  const took = Date.now() - started
+  t.ok(took >= shutdownTimeoutMs - 50, `waited for the lease first (${took}ms)`)
+  t.ok(took < shutdownTimeoutMs + 2000, `returned within shutdownTimeoutMs + 2s (${took}ms)`)
+  const status = await inFlight
+  t.ok(status >= 500 || status === 0, `the stuck request ended with an error (${status})`)
+  await waitFor(async () => (await appBackends(db)).length === 0, 2000, 'no backend left')
+  t.equal((await appBackends(db)).length, 0)
+})
+
+t.test('close() with a client held by a request that never finishes its statement on its own (inject)', async (t) => {
+  const db = await createDatabase(t)
+  const app = await buildApp(t, db, { shutdownTimeoutMs: 200 })
+  app.get('/stuck', async (request) => {
+    await request.db.query('SELECT pg_sleep(60)')
+    return 'never'
+  })
+  await app.ready()
+  const inFlight = app.inject('/stuck')
+  await waitFor(() => app.db.stats().leased === 1, 3000, 'lease')
+  const started = Date.now()
+  await app.close()
+  t.ok(Date.now() - started < 2200, 'close() returned in time')
+  t.equal((await inFlight).statusCode, 503, 'the cancelled statement surfaces as 503')
+  await waitFor(async () => (await appBackends(db)).length === 0, 2000, 'no backend left')
+})
