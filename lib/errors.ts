@@ -9,54 +9,56 @@ type Cause = { cause: unknown }
  */
 
 /** A setting (option or environment variable) has a bad value. Thrown during `register()`. */
-export const FST_REQUEST_DB_INVALID_OPTION = createError<[setting: string, value: string, reason: string]>(
+export const FST_REQUEST_DB_INVALID_OPTION = createError<'FST_REQUEST_DB_INVALID_OPTION', 500, [setting: string, value: string, reason: string]>(
   'FST_REQUEST_DB_INVALID_OPTION',
-  'Invalid %s=%s: %s'
+  'Invalid %s=%s: %s',
+  500
 )
 
 /** The connectivity check at startup failed. `ready()` rejects with it; names host, port and database. */
-export const FST_REQUEST_DB_CONNECT = createError<[target: string, reason: string, options?: Cause]>(
+export const FST_REQUEST_DB_CONNECT = createError<'FST_REQUEST_DB_CONNECT', 500, [target: string, reason: string, options?: Cause]>(
   'FST_REQUEST_DB_CONNECT',
-  'Cannot connect to PostgreSQL at %s: %s'
+  'Cannot connect to PostgreSQL at %s: %s',
+  500
 )
 
 /** No pool client became free within `acquireTimeoutMs`. Answered with 503 and `Retry-After`. */
-export const FST_REQUEST_DB_ACQUIRE_TIMEOUT = createError<[ms: number]>(
+export const FST_REQUEST_DB_ACQUIRE_TIMEOUT = createError<'FST_REQUEST_DB_ACQUIRE_TIMEOUT', 503, [ms: number]>(
   'FST_REQUEST_DB_ACQUIRE_TIMEOUT',
   'No database connection became free within %dms',
   503
 )
 
 /** The wait queue for pool clients is full (`maxWaiting`): shed at once rather than queue. 503. */
-export const FST_REQUEST_DB_OVERLOADED = createError<[waiting: number]>(
+export const FST_REQUEST_DB_OVERLOADED = createError<'FST_REQUEST_DB_OVERLOADED', 503, [waiting: number]>(
   'FST_REQUEST_DB_OVERLOADED',
   'Too many requests are waiting for a database connection (%d)',
   503
 )
 
 /** The database could not be reached, or the connection broke, while serving a request. 503. */
-export const FST_REQUEST_DB_UNAVAILABLE = createError<[reason: string, options?: Cause]>(
+export const FST_REQUEST_DB_UNAVAILABLE = createError<'FST_REQUEST_DB_UNAVAILABLE', 503, [reason: string, options?: Cause]>(
   'FST_REQUEST_DB_UNAVAILABLE',
   'The database is unavailable: %s',
   503
 )
 
 /** `app.close()` has begun; no new connection is handed out. 503. */
-export const FST_REQUEST_DB_CLOSING = createError(
+export const FST_REQUEST_DB_CLOSING = createError<'FST_REQUEST_DB_CLOSING', 503, [options?: Cause]>(
   'FST_REQUEST_DB_CLOSING',
   'The server is shutting down and hands out no new database connections',
   503
 )
 
 /** `request.db` was used after the request ended (response sent or client gone). Use `app.db`. */
-export const FST_REQUEST_DB_RELEASED = createError(
+export const FST_REQUEST_DB_RELEASED = createError<'FST_REQUEST_DB_RELEASED', 500, []>(
   'FST_REQUEST_DB_RELEASED',
   'request.db was used after the request ended; use app.db for background work',
   500
 )
 
 /** COMMIT of the route's transaction (`config.db.transaction`) failed; nothing was committed. 500. */
-export const FST_REQUEST_DB_COMMIT_FAILED = createError<[reason: string, options?: Cause]>(
+export const FST_REQUEST_DB_COMMIT_FAILED = createError<'FST_REQUEST_DB_COMMIT_FAILED', 500, [reason: string, options?: Cause]>(
   'FST_REQUEST_DB_COMMIT_FAILED',
   'The transaction could not be committed: %s',
   500

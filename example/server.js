@@ -1,0 +1,49 @@
+// Example: a small accounts service on fastify-request-db.
+//   npm start                 # embedded PostgreSQL, port 3000
+//   DATABASE_URL=postgres://… PORT=8080 npm start
+import Fastify from 'fastify'
+import requestDb from 'fastify-request-db'
+import { startEmbeddedPostgres } from '../scripts/embedded-postgres.mjs'
+import { accountRoutes } from './routes.js'
+import { createSchema } from './schema.js'
+
+const log = { level: process.env.LOG_LEVEL ?? 'info' }
+
+let embedded = null
+if (!process.env.DATABASE_URL) {
+  console.log('No DATABASE_URL: starting an embedded PostgreSQL (first start takes a few seconds)…')
+  embedded = await startEmbeddedPostgres()
+}
+
+const app = Fastify({ logger: log, handlerTimeout: 10_000 })
+await app.register(requestDb, {
+  env: { ...process.env, DATABASE_URL: process.env.DATABASE_URL ?? embedded.url }
+})
+await createSchema(app.db)
+await app.register(accountRoutes)
+
+let closing = false
+async function shutdown (signal) {
+  if (closing) return
+  closing = true
+  app.log.info({ signal }, 'shutting down')
+  try {
+    await app.close()
+  } finally {
+    if (embedded) await embedded.stop()
+  }
+  process.exit(0)
+}
+process.on('SIGTERM', () => shutdown('SIGTERM'))
+process.on('SIGINT', () => shutdown('SIGINT'))
+
+const port = Number(process.env.PORT ?? 3000)
+try {
+  await app.listen({ port, host: process.env.HOST ?? '127.0.0.1' })
+} catch (err) {
+  app.log.error({ err }, 'could not start')
+  await app.close()
+  if (embedded) await embedded.stop()
+  process.exit(1)
+}
+console.log(`Accounts example listening on http://127.0.0.1:${port}  (try GET /health, GET /accounts, POST /transfers)`)

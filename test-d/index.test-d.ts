@@ -1,0 +1,53 @@
+import Fastify from 'fastify'
+import type { PoolClient, QueryResult } from 'pg'
+import { expectAssignable, expectError, expectNotAssignable, expectType } from 'tsd'
+import requestDb, {
+  type DbSession,
+  type DbStats,
+  FST_REQUEST_DB_ACQUIRE_TIMEOUT,
+  type RequestDb,
+  type RequestDbOptions,
+  requestDb as named
+} from '../dist/esm/index.js'
+
+expectType<typeof requestDb>(named)
+
+const app = Fastify()
+await app.register(requestDb, { max: 5, acquireTimeoutMs: 100, env: { DATABASE_URL: 'postgres://localhost/x' } })
+await app.register(requestDb)
+
+// Options are checked.
+expectAssignable<RequestDbOptions>({ connectionString: 'postgres://x', maxWaiting: 0, shutdownTimeoutMs: 1 })
+expectNotAssignable<RequestDbOptions>({ max: '10' })
+expectNotAssignable<RequestDbOptions>({ acquireTimeoutMS: 10 })
+expectError(app.register(requestDb, { max: 'ten' }))
+
+// app.db
+expectType<DbStats>(app.db.stats())
+expectType<number>(app.db.stats().leased)
+expectType<Promise<QueryResult<{ n: number }>>>(app.db.query<{ n: number }>('SELECT 1 AS n'))
+expectType<Promise<string>>(app.db.transaction(async (tx) => {
+  expectType<DbSession>(tx)
+  return 'done'
+}))
+
+// request.db: rows typed by the generic; route config typed.
+app.get('/', { config: { db: { transaction: true } } }, async (request) => {
+  expectType<RequestDb>(request.db)
+  const { rows } = await request.db.query<{ id: number, name: string }>('SELECT id, name FROM t WHERE id = $1', [1])
+  expectType<number>(rows[0].id)
+  expectType<string>(rows[0].name)
+  expectError(rows[0].missing)
+  expectType<Promise<PoolClient>>(request.db.client())
+  const inner = await request.db.transaction(async (tx) => {
+    expectType<RequestDb>(tx)
+    return 42
+  })
+  expectType<number>(inner)
+  return rows
+})
+expectError(app.get('/', { config: { db: { transaction: 'yes' } } }, async () => 'x'))
+
+// Error codes are typed constructors.
+const err = new FST_REQUEST_DB_ACQUIRE_TIMEOUT(100)
+expectType<'FST_REQUEST_DB_ACQUIRE_TIMEOUT'>(err.code)
