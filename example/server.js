@@ -46,4 +46,4 @@ try {
   if (embedded) await embedded.stop()
   process.exit(1)
 }
-console.log(`Accounts example listening on http://127.0.0.1:${port}  (try GET /health, GET /accounts, POST /transfers)`)
+console.log(`Accounts example listening on http://127.0.0.1:${app.server.address().port}  (try GET /health, GET /accounts, POST /transfers)`)

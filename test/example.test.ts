@@ -1,0 +1,52 @@
+// The example app as a user runs it: no DATABASE_URL (so its own embedded PostgreSQL), real HTTP,
+// then SIGTERM: it exits cleanly and leaves no postgres process behind.
+import { spawn, execFileSync } from 'node:child_process'
+import t from 'tap'
+
+function embeddedServers (): number {
+  const out = execFileSync('ps', ['-eo', 'args']).toString()
+  return out.split('\n').filter((line) => /postgres/.test(line) && /request-db-pg-/.test(line) && / -D /.test(line)).length
+}
+
+async function json (url: string, init?: RequestInit): Promise<{ status: number, body: any }> {
+  const res = await fetch(url, init)
+  return { status: res.status, body: await res.json() }
+}
+
+t.test('npm start\'s example: embedded database, health, accounts, transfer, clean SIGTERM', { timeout: 120_000 }, async (t) => {
+  const before = embeddedServers()
+  const env: Record<string, string> = { ...process.env as Record<string, string>, PORT: '0', LOG_LEVEL: 'warn' }
+  delete env.DATABASE_URL
+  const child = spawn(process.execPath, ['example/server.js'], { env, stdio: ['ignore', 'pipe', 'pipe'] })
+  let output = ''
+  child.stderr.on('data', (c) => { output += c })
+  const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)))
+  t.teardown(() => { if (child.exitCode === null) child.kill('SIGKILL') })
+  const base = await new Promise<string>((resolve, reject) => {
+    child.stdout.on('data', (chunk) => {
+      output += chunk
+      const match = /listening on (http:\/\/\S+)/.exec(output)
+      if (match) resolve(match[1])
+    })
+    child.on('exit', () => reject(new Error(`example exited early:\n${output}`)))
+  })
+  t.equal(embeddedServers(), before + 1, 'it started its own embedded PostgreSQL')
+
+  const health = await json(`${base}/health`)
+  t.equal(health.status, 200)
+  t.equal(health.body.status, 'ok')
+  const accounts = await json(`${base}/accounts`)
+  t.same(accounts.body.map((a: { name: string }) => a.name), ['alice', 'bob', 'carol'])
+  const post = (body: object): Promise<{ status: number, body: any }> => json(`${base}/transfers`, {
+    method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body)
+  })
+  t.equal((await post({ from: 1, to: 3, amount_cents: 2500 })).status, 201)
+  t.equal((await post({ from: 3, to: 2, amount_cents: 999999 })).status, 422, 'insufficient funds: rolled back')
+  const after = (await json(`${base}/accounts`)).body as Array<{ name: string, balance_cents: number }>
+  t.same(after.map((a) => a.balance_cents), [97500, 50000, 2500], 'only the successful transfer moved money')
+  t.equal((await json(`${base}/health`)).body.pool.leased, 1, 'health reports the pool; only its own lease held')
+
+  child.kill('SIGTERM')
+  t.equal(await exited, 0, 'exits 0 on SIGTERM')
+  t.equal(embeddedServers(), before, 'no orphan postgres process')
+})
