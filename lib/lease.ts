@@ -144,11 +144,13 @@ export class Lease extends Session implements RequestDb {
     }
     this.current = client
     this.state = ACTIVE
-    if (this.request.routeOptions.handlerTimeout > 0) {
+    // routeOptions is built afresh on each read: read it once.
+    const route = this.request.routeOptions
+    if (route.handlerTimeout > 0) {
       // handlerTimeout answers 503 but leaves the handler running: stop its statement on the server.
       this.request.signal.addEventListener('abort', () => this.cancelRunning(), { once: true })
     }
-    if ((this.request.routeOptions.config as { db?: RouteDbConfig }).db?.transaction === true) {
+    if ((route.config as { db?: RouteDbConfig }).db?.transaction === true) {
       await this.send(client, 'BEGIN')
       this.txDepth = 1
       this.routeTxOpen = true

@@ -1,0 +1,34 @@
+// One benchmarked app in its own process, so its CPU time and memory are its own.
+// Parent → child IPC: 'measure' starts a window; 'report' ends it and answers with the figures.
+import { variants } from './variants.js'
+
+const name = process.argv[2]
+const variant = variants[name]
+if (!variant) throw new Error(`unknown variant ${name}`)
+
+const app = await variant.build(process.env.DATABASE_URL)
+await app.listen({ port: 0, host: '127.0.0.1' })
+
+let cpuStart = null
+let peakRss = 0
+let sampler = null
+
+process.on('message', async (msg) => {
+  if (msg === 'measure') {
+    peakRss = process.memoryUsage.rss()
+    sampler = setInterval(() => { peakRss = Math.max(peakRss, process.memoryUsage.rss()) }, 50)
+    cpuStart = process.cpuUsage()
+    process.send({ type: 'measuring' })
+  } else if (msg === 'report') {
+    const cpu = process.cpuUsage(cpuStart)
+    clearInterval(sampler)
+    peakRss = Math.max(peakRss, process.memoryUsage.rss())
+    process.send({ type: 'report', cpuMicros: cpu.user + cpu.system, peakRss })
+  } else if (msg === 'close') {
+    // A leaked client makes pool.end() wait forever: don't let that hold the benchmark.
+    setTimeout(() => process.exit(0), 2000).unref()
+    await app.close()
+    process.exit(0)
+  }
+})
+process.send({ type: 'ready', port: app.server.address().port })

@@ -1,0 +1,128 @@
+// npm run bench: every variant, interleaved (A B C … A B C …), at 10 and 100 connections, for
+// several rounds. Per run: a fresh app process, a warm-up, then a measured autocannon window.
+// Writes bench/results.md. Options: --rounds N (3), --duration S (5), --warmup S (1),
+// --connections 10,100, --only a,b
+import { fork } from 'node:child_process'
+import { writeFileSync } from 'node:fs'
+import { cpus } from 'node:os'
+import { parseArgs } from 'node:util'
+import autocannon from 'autocannon'
+import { variants } from './variants.js'
+
+const { values: args } = parseArgs({
+  options: {
+    rounds: { type: 'string', default: '3' },
+    duration: { type: 'string', default: '5' },
+    warmup: { type: 'string', default: '1' },
+    connections: { type: 'string', default: '10,100' },
+    only: { type: 'string' }
+  }
+})
+const rounds = Number(args.rounds)
+const duration = Number(args.duration)
+const warmup = Number(args.warmup)
+const levels = args.connections.split(',').map(Number)
+const names = args.only ? args.only.split(',') : Object.keys(variants)
+if (!process.env.DATABASE_URL) throw new Error('DATABASE_URL is not set: run through `npm run bench`')
+
+function startApp (name) {
+  return new Promise((resolve, reject) => {
+    const child = fork(new URL('./app.js', import.meta.url), [name], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] })
+    const waiters = []
+    child.on('message', (msg) => {
+      if (msg.type === 'ready') resolve({ child, port: msg.port, next: () => new Promise((r) => waiters.push(r)) })
+      else waiters.shift()?.(msg)
+    })
+    child.once('exit', (code) => reject(new Error(`${name} exited (${code}) before it was ready`)))
+  })
+}
+
+function load (port, connections, seconds) {
+  return autocannon({ url: `http://127.0.0.1:${port}/q?n=7`, connections, duration: seconds })
+}
+
+async function answers (port) {
+  try {
+    const res = await fetch(`http://127.0.0.1:${port}/q?n=1`, { signal: AbortSignal.timeout(2000) })
+    return res.status === 200
+  } catch {
+    return false
+  }
+}
+
+const median = (xs) => {
+  const s = [...xs].sort((a, b) => a - b)
+  return s.length === 0 ? NaN : s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2
+}
+
+// results[connections][variant] = [{ rps, p50, p99, cpuPerReq, peakRss, answered, errors }]
+const results = {}
+const started = Date.now()
+for (let round = 1; round <= rounds; round++) {
+  for (const connections of levels) {
+    for (const name of names) {
+      const app = await startApp(name)
+      await load(app.port, connections, warmup)
+      app.child.send('measure')
+      await app.next()
+      const r = await load(app.port, connections, duration)
+      app.child.send('report')
+      const report = await app.next()
+      const answered = await answers(app.port)
+      app.child.send('close')
+      await new Promise((resolve) => app.child.once('exit', resolve))
+      const responses = r.requests.total
+      const row = {
+        rps: r.requests.average,
+        p50: r.latency.p50,
+        p99: r.latency.p99,
+        cpuPerReq: responses > 0 ? report.cpuMicros / responses : NaN,
+        peakRss: report.peakRss,
+        answered,
+        errors: r.errors + r.timeouts + r.non2xx
+      }
+      ;((results[connections] ??= {})[name] ??= []).push(row)
+      process.stderr.write(`round ${round} c=${connections} ${name.padEnd(26)} ${row.rps.toFixed(0).padStart(6)} req/s  p99 ${row.p99} ms  ${row.cpuPerReq.toFixed(1)} µs/req  ${answered ? '' : 'STOPPED ANSWERING'}\n`)
+    }
+  }
+}
+
+function ratio (connections, name, anchor, field = 'rps') {
+  const rows = results[connections][name]
+  const base = results[connections][anchor]
+  if (!rows || !base) return NaN
+  return median(rows.map((row, i) => row[field] / base[i][field]))
+}
+
+const fmt = (x, d = 0) => Number.isFinite(x) ? x.toFixed(d) : '–'
+let md = `# Benchmark results\n\n${new Date().toISOString().slice(0, 10)} · Node ${process.version} · ${cpus().length} cores (${cpus()[0]?.model ?? 'unknown'}) · ` +
+  `pool max 10, logger off · ${rounds} interleaved rounds of ${duration} s (after ${warmup} s warm-up), a fresh app process per run · ` +
+  `load from autocannon in the parent process on loopback\n\n` +
+  'Ratios are per round against the anchor in the same round, then the median. CPU is the app process\'s ' +
+  '`process.cpuUsage()` over the measured window divided by the responses.\n'
+for (const connections of levels) {
+  md += `\n## ${connections} connections\n\n| variant | req/s | p50 ms | p99 ms | app CPU µs/req | peak RSS MB | vs anchor (req/s) | anchor | errors | answers after run |\n|---|---:|---:|---:|---:|---:|---:|---|---:|---|\n`
+  for (const name of names) {
+    const rows = results[connections][name]
+    const anchor = variants[name].anchor
+    md += `| ${name} | ${fmt(median(rows.map((r) => r.rps)))} | ${fmt(median(rows.map((r) => r.p50)), 1)} | ${fmt(median(rows.map((r) => r.p99)), 1)} | ` +
+      `${fmt(median(rows.map((r) => r.cpuPerReq)), 1)} | ${fmt(Math.max(...rows.map((r) => r.peakRss)) / 1048576, 0)} | ` +
+      `${anchor ? fmt(ratio(connections, name, anchor), 3) : '1'} | ${anchor ?? '–'} | ${rows.reduce((a, r) => a + r.errors, 0)} | ${rows.every((r) => r.answered) ? 'yes' : 'NO'} |\n`
+  }
+}
+const c = levels.includes(100) ? 100 : levels[levels.length - 1]
+const budget = [
+  ['request-db ≥ 0.97 × raw-pool req/s', ratio(c, 'request-db', 'raw-pool'), 0.97],
+  ['request-db-3q ≥ 1.0 × raw-pool-3q req/s', ratio(c, 'request-db-3q', 'raw-pool-3q'), 1.0],
+  ['request-db-noop ≥ 0.99 × no-db req/s', ratio(c, 'request-db-noop', 'no-db'), 0.99],
+  ['request-db-transaction ≥ 1.0 × fastify-postgres-transact req/s', ratio(c, 'request-db-transaction', 'fastify-postgres-transact'), 1.0],
+  ['p99 request-db ≤ 1.1 × raw-pool p99', ratio(c, 'request-db', 'raw-pool', 'p99'), 1.1, 'max']
+]
+md += `\n## Budget (${c} connections, medians of per-round ratios)\n\n| line | measured | target | met |\n|---|---:|---:|---|\n`
+for (const [line, value, target, kind] of budget) {
+  const met = kind === 'max' ? value <= target : value >= target
+  md += `| ${line} | ${fmt(value, 3)} | ${target} | ${Number.isFinite(value) ? (met ? 'yes' : 'no') : '–'} |\n`
+}
+md += `\nTotal time: ${((Date.now() - started) / 1000).toFixed(0)} s. Command: \`npm run bench\`${process.argv.length > 2 ? ` -- ${process.argv.slice(2).join(' ')}` : ''}.\n`
+writeFileSync(new URL('./results.md', import.meta.url), md)
+console.log(md)

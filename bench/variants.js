@@ -1,0 +1,123 @@
+// The apps the benchmark compares. Each builds a Fastify app (logger off, pool max 10) whose
+// GET /q?n=… route answers { n } from PostgreSQL (or, for the ceilings, without it).
+import fastifyPostgres from '@fastify/postgres'
+import Fastify from 'fastify'
+import pg from 'pg'
+import requestDb from 'fastify-request-db'
+
+const MAX = 10
+const ONE = 'SELECT $1::int AS n'
+
+function intOf (request) {
+  return Number(request.query.n) | 0
+}
+
+/** @type {Record<string, { anchor: string | null, build: (url: string) => Promise<import('fastify').FastifyInstance> }>} */
+export const variants = {
+  'no-db': {
+    anchor: null,
+    async build () {
+      const app = Fastify({ logger: false })
+      app.get('/q', async (request) => ({ n: intOf(request) }))
+      return app
+    }
+  },
+  'raw-pool': {
+    anchor: null,
+    async build (url) {
+      const pool = new pg.Pool({ connectionString: url, max: MAX })
+      const app = Fastify({ logger: false })
+      app.addHook('onClose', () => pool.end())
+      app.get('/q', async (request) => (await pool.query(ONE, [intOf(request)])).rows[0])
+      return app
+    }
+  },
+  'fastify-postgres': {
+    anchor: 'raw-pool',
+    async build (url) {
+      const app = Fastify({ logger: false })
+      await app.register(fastifyPostgres, { connectionString: url, max: MAX })
+      app.get('/q', async (request) => (await app.pg.query(ONE, [intOf(request)])).rows[0])
+      return app
+    }
+  },
+  'fastify-postgres-transact': {
+    anchor: 'raw-pool',
+    async build (url) {
+      const app = Fastify({ logger: false })
+      await app.register(fastifyPostgres, { connectionString: url, max: MAX })
+      app.get('/q', { pg: { transact: true } }, async (request) => (await request.pg.query(ONE, [intOf(request)])).rows[0])
+      return app
+    }
+  },
+  'eager-hooks': {
+    anchor: 'raw-pool',
+    async build (url) {
+      // The seed pattern: a client checked out for every request, given back in onResponse only.
+      const pool = new pg.Pool({ connectionString: url, max: MAX })
+      const app = Fastify({ logger: false })
+      app.decorateRequest('client', null)
+      app.addHook('onRequest', async (request) => { request.client = await pool.connect() })
+      app.addHook('onResponse', async (request) => { request.client.release() })
+      app.addHook('onClose', () => pool.end())
+      app.get('/q', async (request) => (await request.client.query(ONE, [intOf(request)])).rows[0])
+      return app
+    }
+  },
+  'request-db': {
+    anchor: 'raw-pool',
+    async build (url) {
+      const app = Fastify({ logger: false })
+      await app.register(requestDb, { connectionString: url, max: MAX })
+      app.get('/q', async (request) => (await request.db.query(ONE, [intOf(request)])).rows[0])
+      return app
+    }
+  },
+  'request-db-transaction': {
+    anchor: 'fastify-postgres-transact',
+    async build (url) {
+      const app = Fastify({ logger: false })
+      await app.register(requestDb, { connectionString: url, max: MAX })
+      app.get('/q', { config: { db: { transaction: true } } }, async (request) => (await request.db.query(ONE, [intOf(request)])).rows[0])
+      return app
+    }
+  },
+  'request-db-noop': {
+    anchor: 'no-db',
+    async build (url) {
+      const app = Fastify({ logger: false })
+      await app.register(requestDb, { connectionString: url, max: MAX })
+      app.get('/q', async (request) => ({ n: intOf(request) }))
+      return app
+    }
+  },
+  'raw-pool-3q': {
+    anchor: null,
+    async build (url) {
+      const pool = new pg.Pool({ connectionString: url, max: MAX })
+      const app = Fastify({ logger: false })
+      app.addHook('onClose', () => pool.end())
+      app.get('/q', async (request) => {
+        const n = intOf(request)
+        await pool.query(ONE, [n])
+        await pool.query(ONE, [n + 1])
+        return (await pool.query(ONE, [n])).rows[0]
+      })
+      return app
+    }
+  },
+  'request-db-3q': {
+    anchor: 'raw-pool-3q',
+    async build (url) {
+      const app = Fastify({ logger: false })
+      await app.register(requestDb, { connectionString: url, max: MAX })
+      app.get('/q', async (request) => {
+        const n = intOf(request)
+        await request.db.query(ONE, [n])
+        await request.db.query(ONE, [n + 1])
+        return (await request.db.query(ONE, [n])).rows[0]
+      })
+      return app
+    }
+  }
+}
