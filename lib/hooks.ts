@@ -24,14 +24,17 @@ export function addRequestHooks (fastify: FastifyInstance, gate: ClientGate): vo
     done()
   })
 
-  // Read per request, not in onRoute: routes declared before this plugin finished loading (after a
-  // register() that was not awaited) still get their transaction (the @fastify/postgres trap).
-  fastify.addHook('onSend', function settleRouteTransaction (request: FastifyRequest, reply: FastifyReply, payload: unknown, done: (err: Error | null, payload?: unknown) => void) {
+  // Global, not added per route in onRoute: routes declared before this plugin finished loading
+  // (after a register() that was not awaited) never reach an onRoute hook, and would silently miss
+  // their COMMIT (the @fastify/postgres trap).
+  fastify.addHook('onSend', function commitAndRelease (request: FastifyRequest, reply: FastifyReply, payload: unknown, done: (err: Error | null, payload?: unknown) => void) {
     const lease = request.db as Lease | null
-    if (lease === null || !lease.routeTxOpen) {
+    if (lease === null || !lease.holding) {
       done(null, payload)
       return
     }
-    lease.settle(reply.statusCode).then(() => done(null, payload), done)
+    const commit = lease.responseReady(reply.statusCode, payload)
+    if (commit === null) done(null, payload)
+    else commit.then(() => done(null, payload), done)
   })
 }

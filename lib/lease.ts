@@ -60,8 +60,32 @@ export class Lease extends Session implements RequestDb {
     return client
   }
 
-  /** onSend of a transaction route: COMMIT if the request succeeded, else ROLLBACK. */
-  async settle (statusCode: number): Promise<void> {
+  /** The request holds (or is taking) a client: onSend has work to do. */
+  get holding (): boolean {
+    return this.state === ACTIVE || this.state === ACQUIRING
+  }
+
+  /**
+   * onSend: the handler is done and the payload is ready. A route transaction is committed (or
+   * rolled back) now, before anything reaches the client; then the client goes back to the pool
+   * without waiting for the bytes to be written, so it serves the next request sooner. A streamed
+   * payload may still read from the client (a cursor), as may user code that took the raw client:
+   * those keep it until the response closes.
+   */
+  responseReady (statusCode: number, payload: unknown): Promise<void> | null {
+    // Synchronous unless a COMMIT must finish first: an async onSend would let a second
+    // reply.send() slip through before the first is written.
+    if (this.routeTxOpen) return this.settle(statusCode).then(() => this.releaseEarly(payload))
+    this.releaseEarly(payload)
+    return null
+  }
+
+  private releaseEarly (payload: unknown): void {
+    if (this.state === ACTIVE && !this.rawHandedOut && !isStream(payload)) this.end(false)
+  }
+
+  /** COMMIT the route's transaction if the request succeeded, else ROLLBACK. */
+  private async settle (statusCode: number): Promise<void> {
     this.routeTxOpen = false
     const client = this.current
     if (client === null) return
@@ -192,6 +216,10 @@ export class Lease extends Session implements RequestDb {
     // Its statements were not ours to see, so its session state is unknown: close it.
     void this.giveBack(client, true, poolRelease)
   }
+}
+
+function isStream (payload: unknown): boolean {
+  return payload !== null && typeof payload === 'object' && typeof (payload as { pipe?: unknown }).pipe === 'function'
 }
 
 function responseEnded (reply: FastifyReply): boolean {
