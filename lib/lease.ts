@@ -189,7 +189,7 @@ export class Lease extends Session implements RequestDb {
     const client = this.current as PoolClient
     this.current = null
     this.routeTxOpen = false
-    if (aborted && this.isBusy()) void requestCancel(client as never)
+    if (aborted && this.isBusy()) this.cancel(client)
     void this.finish(client, aborted)
   }
 
@@ -202,7 +202,15 @@ export class Lease extends Session implements RequestDb {
 
   private cancelRunning (): void {
     const client = this.current
-    if (client !== null && this.isBusy()) void requestCancel(client as never)
+    if (client !== null && this.isBusy()) this.cancel(client)
+  }
+
+  private cancel (client: PoolClient): void {
+    // A cancel is a signal to the backend, delivered whenever it arrives: if the statement ended
+    // first, it would hit whatever that connection runs next, another request's statement. So a
+    // connection that was sent one is closed, never reused.
+    this.broken = true
+    void requestCancel(client as never)
   }
 
   private releasedByUser (client: PoolClient): void {

@@ -79,6 +79,7 @@ export class Session implements ClientHolder, TransactionHost<Session>, DbSessio
     this.broken = true
     this.shutdownCancel = true
     const client = this.current
+    // Marked broken above: a connection that was sent a cancel is closed, never reused (lease.ts).
     if (client !== null && this.isBusy()) void requestCancel(client as never)
   }
 
