@@ -129,8 +129,8 @@ export class Lease extends Session implements RequestDb {
     }
   }
 
-  protected override queryWithoutClient (text: string | QueryConfig, values?: unknown[]): Promise<any> {
-    return this.checkout().then((client) => this.send(client, text, values))
+  protected override async queryWithoutClient (text: string | QueryConfig, values?: unknown[]): Promise<any> {
+    return this.send(await this.checkout(), text, values)
   }
 
   private checkout (): Promise<PoolClient> {
@@ -150,7 +150,8 @@ export class Lease extends Session implements RequestDb {
     // 'close' is the one event every ending shares: after 'finish' for a sent response, alone when
     // the client went away. Listening only once a client is wanted keeps db-less routes free.
     const onClose = (): void => this.end(!res.writableEnded)
-    res.once('close', onClose)
+    // 'close' is emitted once; `on` spares the wrapper `once` would allocate per request.
+    res.on('close', onClose)
     let client: PoolClient
     try {
       client = await this.gate.acquire(this)
@@ -190,7 +191,8 @@ export class Lease extends Session implements RequestDb {
     this.current = null
     this.routeTxOpen = false
     if (aborted && this.isBusy()) this.cancel(client)
-    void this.finish(client, aborted)
+    if (this.pending === 0) void this.giveBack(client, this.rawHandedOut, this.poolRelease)
+    else void this.finish(client, aborted)
   }
 
   private async finish (client: PoolClient, aborted: boolean): Promise<void> {

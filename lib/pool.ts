@@ -84,19 +84,11 @@ export class ClientGate {
     if (this.closing) throw new FST_REQUEST_DB_CLOSING()
     const pool = this.pool
     let client: PoolClient
-    if (pool.idleCount > 0 && pool.waitingCount === 0) {
+    try {
       // A free client is handed over at once: no timer, no queue accounting on the hot path.
-      client = await pool.connect().catch((err: unknown) => { throw this.acquireError(err) })
-    } else {
-      if (this.waiting >= this.maxWaiting) throw new FST_REQUEST_DB_OVERLOADED(this.waiting)
-      this.waiting++
-      try {
-        client = await (this.needsOwnTimer ? this.connectWithin(this.acquireTimeoutMs) : pool.connect())
-      } catch (err) {
-        throw this.acquireError(err)
-      } finally {
-        this.waiting--
-      }
+      client = pool.idleCount > 0 && pool.waitingCount === 0 ? await pool.connect() : await this.waitForClient()
+    } catch (err) {
+      throw this.acquireError(err)
     }
     if (this.closing) {
       // close() began while this request waited: it gets no client after all.
@@ -156,6 +148,16 @@ export class ClientGate {
     if (holder.countsAsLease) this.leased++
   }
 
+  private async waitForClient (): Promise<PoolClient> {
+    if (this.waiting >= this.maxWaiting) throw new FST_REQUEST_DB_OVERLOADED(this.waiting)
+    this.waiting++
+    try {
+      return await (this.needsOwnTimer ? this.connectWithin(this.acquireTimeoutMs) : this.pool.connect())
+    } finally {
+      this.waiting--
+    }
+  }
+
   private connectWithin (ms: number): Promise<PoolClient> {
     return new Promise((resolve, reject) => {
       let timedOut = false
@@ -176,6 +178,7 @@ export class ClientGate {
   }
 
   private acquireError (err: unknown): Error {
+    if ((err as { code?: string }).code === 'FST_REQUEST_DB_OVERLOADED') return err as Error
     if (err === TIMED_OUT || (err instanceof Error && err.message.includes('timeout exceeded when trying to connect'))) {
       // A full pool means the wait was for a free client; otherwise a new connection took too long.
       return this.pool.totalCount >= this.max

@@ -142,16 +142,26 @@ export class Session implements ClientHolder, TransactionHost<Session>, DbSessio
    * Return the client to the pool in a state the next user can trust: a transaction left open is
    * rolled back; a connection that broke, changed its session, or still runs something is closed.
    */
-  protected async giveBack (client: PoolClient, closeConnection: boolean, poolRelease?: PoolClient['release']): Promise<void> {
-    let destroy = closeConnection || this.broken || this.dirty || this.isBusy()
-    if (!destroy && this.transactionStatus(client) !== 'I') {
-      try {
-        await client.query('ROLLBACK')
-      } catch {
-        destroy = true
-      }
-    }
+  protected giveBack (client: PoolClient, closeConnection: boolean, poolRelease?: PoolClient['release']): Promise<void> | undefined {
+    const destroy = closeConnection || this.broken || this.dirty || this.isBusy()
     this.txDepth = 0
+    // Synchronous in the common case (nothing open, nothing changed): no promise per request.
+    if (!destroy && this.transactionStatus(client) !== 'I') return this.rollBackThenRelease(client, poolRelease)
+    this.releaseClient(client, destroy, poolRelease)
+    return undefined
+  }
+
+  private async rollBackThenRelease (client: PoolClient, poolRelease?: PoolClient['release']): Promise<void> {
+    let destroy = false
+    try {
+      await client.query('ROLLBACK')
+    } catch {
+      destroy = true
+    }
+    this.releaseClient(client, destroy, poolRelease)
+  }
+
+  private releaseClient (client: PoolClient, destroy: boolean, poolRelease?: PoolClient['release']): void {
     try {
       this.gate.release(this, client, destroy, poolRelease)
     } catch (err) {
