@@ -82,6 +82,7 @@ t.test('client hang-up via its own socket while the statement runs', async (t) =
   socket.on('error', () => {})
   socket.write('GET /slow HTTP/1.1\r\nHost: x\r\n\r\n')
   await waitFor(() => sleepingQueries(db), 5000, 'the query to start')
+  const cancelledPid = (await appBackends(db)).find((b) => b.query.includes('pg_sleep'))?.pid
   t.equal(app.db.stats().leased, 1)
   const started = Date.now()
   socket.destroy()
@@ -89,6 +90,9 @@ t.test('client hang-up via its own socket while the statement runs', async (t) =
   t.ok(Date.now() - started < 2000, `gone from pg_stat_activity in ${Date.now() - started}ms`)
   await waitFor(() => app.db.stats().leased === 0, 3000, 'release')
   for (let i = 0; i < 5; i++) t.equal((await get(port, '/quick')).status, 200, `request ${i} afterwards`)
+  // A cancel is delivered whenever it arrives: the connection that was sent one must not be reused.
+  const pids = new Set((await appBackends(db)).map((b) => b.pid))
+  t.notOk(pids.has(cancelledPid), 'the cancelled connection was closed, not returned to the pool')
 })
 
 t.test('handlerTimeout: 503 for the client, the statement cancelled, the client released', async (t) => {

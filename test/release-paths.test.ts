@@ -194,3 +194,25 @@ t.test('backends killed while idle in the pool or idle inside a lease do not cra
   t.not(res.json().first, res.json().second, 'a fresh connection replaced the dead one')
   await waitFor(() => app.db.stats().leased === 0, 2000, 'release')
 })
+
+t.test('a streamed reply keeps its client until the stream is done, then gives it back', async (t) => {
+  const db = await createDatabase(t)
+  const app = await buildApp(t, db, { max: 2 })
+  app.get('/rows', async (request, reply) => {
+    let n = 0
+    // Reads from the database while the response is being written (what a cursor stream does).
+    const stream = new Readable({
+      read () {
+        if (n === 3) { this.push(null); return }
+        request.db.query<{ n: number }>('SELECT $1::int AS n', [n++]).then(
+          ({ rows }) => this.push(`${rows[0].n}\n`),
+          (err: Error) => this.destroy(err))
+      }
+    })
+    return reply.type('text/plain').send(stream)
+  })
+  const res = await app.inject('/rows')
+  t.equal(res.statusCode, 200)
+  t.equal(res.body, '0\n1\n2\n', 'queries after onSend worked: the client was not given back early')
+  await waitFor(() => app.db.stats().leased === 0, 2000, 'released when the response closed')
+})
