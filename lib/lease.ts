@@ -37,6 +37,10 @@ export class Lease extends Session implements RequestDb {
   routeTxOpen = false
   /** The handler (or a hook) threw: a route transaction is rolled back, never committed. */
   failed = false
+  /** The route's COMMIT/ROLLBACK has started (onSend). */
+  private settling = false
+  /** handlerTimeout fired during COMMIT: the reply was hijacked, onSend must answer itself. */
+  tookOverReply = false
   private state = IDLE
   private acquiring: Promise<PoolClient> | null = null
   private readonly request: FastifyRequest
@@ -87,10 +91,13 @@ export class Lease extends Session implements RequestDb {
   /** COMMIT the route's transaction if the request succeeded, else ROLLBACK. */
   private async settle (statusCode: number): Promise<void> {
     this.routeTxOpen = false
+    this.settling = true
     const client = this.current
     if (client === null) return
     this.txDepth = 0
     if (this.failed || statusCode >= 400) {
+      // A broken connection takes its transaction with it: the server rolls back on disconnect.
+      if (this.broken) return
       try {
         await this.send(client, 'ROLLBACK')
       } catch (err) {
@@ -172,7 +179,7 @@ export class Lease extends Session implements RequestDb {
     const route = this.request.routeOptions
     if (route.handlerTimeout > 0) {
       // handlerTimeout answers 503 but leaves the handler running: stop its statement on the server.
-      this.request.signal.addEventListener('abort', () => this.cancelRunning(), { once: true })
+      this.request.signal.addEventListener('abort', () => this.handlerTimedOut(), { once: true })
     }
     if ((route.config as { db?: RouteDbConfig }).db?.transaction === true) {
       await this.send(client, 'BEGIN')
@@ -209,6 +216,19 @@ export class Lease extends Session implements RequestDb {
     // cancelled, and a statement that ignores the cancel loses its connection.
     await this.whenSettled(aborted ? CANCEL_GRACE_MS : Number.POSITIVE_INFINITY)
     await this.giveBack(client, this.rawHandedOut, this.poolRelease)
+  }
+
+  private handlerTimedOut (): void {
+    if (this.settling) {
+      // The handler finished and its COMMIT is on the wire, but Fastify's timer only stops when the
+      // response is written: its 503 would tell the client "failed" about a write that commits.
+      // Taking the reply over stops that 503; onSend then answers with what COMMIT really did.
+      // (Found by the soak run: a write answered 503 yet present in the database.)
+      this.reply.hijack()
+      this.tookOverReply = true
+      return
+    }
+    this.cancelRunning()
   }
 
   private cancelRunning (): void {

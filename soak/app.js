@@ -49,7 +49,11 @@ process.on('message', async (msg) => {
     process.send({ type: 'stats', stats: app.db.stats(), peakRss })
   } else if (msg === 'close') {
     const started = Date.now()
+    // Node's HTTP server does not count a connection that never sent a request as idle, and waits
+    // for it (headersTimeout, 60 s). A deploy gives close() a deadline; so does this.
+    const deadline = setTimeout(() => app.server.closeAllConnections(), 4000)
     await app.close()
+    clearTimeout(deadline)
     process.send({ type: 'closed', ms: Date.now() - started, stats: app.db.stats(), peakRss })
     setTimeout(() => process.exit(0), 50)
   }

@@ -81,3 +81,27 @@ t.test('routes declared right after a register() that was not awaited get reques
   t.equal((await app.inject({ method: 'POST', url: '/commit-me' })).statusCode, 200)
   t.same((await db.admin.query('SELECT v FROM marks')).rows, [{ v: 2 }])
 })
+
+t.test('handlerTimeout firing while COMMIT runs: the answer says what COMMIT did (found by the soak run)', async (t) => {
+  const db = await createDatabase(t)
+  // A deferred constraint trigger makes COMMIT itself slow (and optionally fail).
+  await db.admin.query(`CREATE TABLE slow_commit (id int PRIMARY KEY, fail boolean NOT NULL DEFAULT false);
+    CREATE FUNCTION slow_check() RETURNS trigger LANGUAGE plpgsql AS $$
+      BEGIN PERFORM pg_sleep(0.4); IF NEW.fail THEN RAISE EXCEPTION 'rejected at commit'; END IF; RETURN NULL; END $$;
+    CREATE CONSTRAINT TRIGGER slow_check AFTER INSERT ON slow_commit DEFERRABLE INITIALLY DEFERRED
+      FOR EACH ROW EXECUTE FUNCTION slow_check()`)
+  const app = await buildApp(t, db, {}, { handlerTimeout: 150 })
+  app.post('/insert/:id/:fail', { config: { db: { transaction: true } } }, async (request, reply) => {
+    const { id, fail } = request.params as { id: string, fail: string }
+    await request.db.query('INSERT INTO slow_commit VALUES ($1, $2)', [Number(id), fail === 'yes'])
+    return reply.code(201).send({ id: Number(id) })
+  })
+  const ok = await app.inject({ method: 'POST', url: '/insert/1/no' })
+  t.equal(ok.statusCode, 201, 'committed, and said so (not handlerTimeout\'s 503)')
+  t.same(ok.json(), { id: 1 })
+  const failed = await app.inject({ method: 'POST', url: '/insert/2/yes' })
+  t.equal(failed.statusCode, 500, 'COMMIT failed, and said so')
+  t.equal(failed.json().code, 'FST_REQUEST_DB_COMMIT_FAILED')
+  t.same((await db.admin.query('SELECT id FROM slow_commit ORDER BY id')).rows, [{ id: 1 }], 'the database agrees with both answers')
+  await waitFor(() => app.db.stats().leased === 0, 3000, 'release')
+})
