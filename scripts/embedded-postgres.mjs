@@ -32,7 +32,8 @@ function freePort () {
 
 /**
  * Start a server on a free loopback port in a new temporary directory.
- * @returns {Promise<{ url: string, port: number, stop: () => Promise<void>, restart: () => Promise<void>, pause: ... }>}
+ * @returns {Promise<{ url: string, port: number, password: string, stopServer: () => Promise<void>,
+ *   startServer: () => Promise<void>, stop: () => Promise<void> }>}
  */
 export async function startEmbeddedPostgres ({ maxConnections = 200, log = () => {} } = {}) {
   const port = await freePort()
