@@ -1,20 +1,8 @@
 // app.close(): no new connections from preClose on, held clients waited for (up to
 // shutdownTimeoutMs), then cancelled; the pool ended; nothing of the app left on the server.
-import { request as httpRequest } from 'node:http'
-import type { AddressInfo } from 'node:net'
 import t from 'tap'
 import { appBackends, buildApp, createDatabase, waitFor } from './helpers/db.js'
-
-function get (port: number, path: string): Promise<number> {
-  return new Promise((resolve) => {
-    const req = httpRequest({ port, host: '127.0.0.1', path, agent: false }, (res) => {
-      res.resume()
-      res.on('end', () => resolve(res.statusCode ?? 0))
-    })
-    req.on('error', () => resolve(0))
-    req.end()
-  })
-}
+import { get, listen } from './helpers/http.js'
 
 t.test('close() waits for a request that holds a client, then ends the pool: no backend left', async (t) => {
   const db = await createDatabase(t)
@@ -23,12 +11,11 @@ t.test('close() waits for a request that holds a client, then ends the pool: no 
     await request.db.query('SELECT pg_sleep(0.5)')
     return 'done'
   })
-  await app.listen({ port: 0, host: '127.0.0.1' })
-  const port = (app.server.address() as AddressInfo).port
+  const port = await listen(app)
   const inFlight = get(port, '/work')
   await waitFor(() => app.db.stats().leased === 1, 3000, 'the request to hold a client')
   await app.close()
-  t.equal(await inFlight, 200, 'the request in flight finished normally')
+  t.equal((await inFlight).status, 200, 'the request in flight finished normally')
   t.same(app.db.stats(), { total: 0, idle: 0, waiting: 0, leased: 0 })
   t.equal((await appBackends(db)).length, 0, 'the database shows no backend of the app')
 })
@@ -41,9 +28,8 @@ t.test('past shutdownTimeoutMs, running statements are cancelled; close() return
     await request.db.query('SELECT pg_sleep(60)')
     return 'never'
   })
-  await app.listen({ port: 0, host: '127.0.0.1' })
-  const port = (app.server.address() as AddressInfo).port
-  const inFlight = get(port, '/stuck')
+  const port = await listen(app)
+  const inFlight = get(port, '/stuck').then((r) => r.status, () => 0)
   await waitFor(async () => (await appBackends(db)).some((b) => b.query.includes('pg_sleep(60)') && b.state === 'active'), 3000, 'the statement')
   const started = Date.now()
   await app.close()
