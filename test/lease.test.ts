@@ -169,3 +169,20 @@ t.test('app.db: query, transaction and stats', async (t) => {
   t.ok(stats.total >= 1 && stats.total <= 3)
   t.equal(typeof app.db.pool.connect, 'function')
 })
+
+t.test('statementTimeoutMs (DB_STATEMENT_TIMEOUT_MS) is the server-side statement_timeout', async (t) => {
+  const db = await createDatabase(t)
+  const app = await buildApp(t, db, { env: { DATABASE_URL: db.url, DB_STATEMENT_TIMEOUT_MS: '150' } })
+  app.get('/setting', async (request) => (await request.db.query("SELECT current_setting('statement_timeout') AS v")).rows[0])
+  app.get('/slow', async (request) => {
+    await request.db.query('SELECT pg_sleep(2)')
+    return 'finished'
+  })
+  t.same((await app.inject('/setting')).json(), { v: '150ms' })
+  const started = Date.now()
+  const res = await app.inject('/slow')
+  t.equal(res.statusCode, 500)
+  t.match(res.json().message, /statement timeout/)
+  t.ok(Date.now() - started < 1500, 'stopped by the server, not after the full sleep')
+  await waitFor(() => app.db.stats().leased === 0, 2000, 'release')
+})
