@@ -84,9 +84,11 @@ export class ClientGate {
     if (this.closing) throw new FST_REQUEST_DB_CLOSING()
     const pool = this.pool
     let client: PoolClient
+    // A free client is handed over at once: no timer, no queue accounting on the hot path.
+    const free = pool.idleCount > 0 && pool.waitingCount === 0
+    if (!free && this.waiting >= this.maxWaiting) throw new FST_REQUEST_DB_OVERLOADED(this.waiting)
     try {
-      // A free client is handed over at once: no timer, no queue accounting on the hot path.
-      client = pool.idleCount > 0 && pool.waitingCount === 0 ? await pool.connect() : await this.waitForClient()
+      client = free ? await pool.connect() : await this.waitForClient()
     } catch (err) {
       throw this.acquireError(err)
     }
@@ -149,7 +151,6 @@ export class ClientGate {
   }
 
   private async waitForClient (): Promise<PoolClient> {
-    if (this.waiting >= this.maxWaiting) throw new FST_REQUEST_DB_OVERLOADED(this.waiting)
     this.waiting++
     try {
       return await (this.needsOwnTimer ? this.connectWithin(this.acquireTimeoutMs) : this.pool.connect())
@@ -178,7 +179,6 @@ export class ClientGate {
   }
 
   private acquireError (err: unknown): Error {
-    if ((err as { code?: string }).code === 'FST_REQUEST_DB_OVERLOADED') return err as Error
     if (err === TIMED_OUT || (err instanceof Error && err.message.includes('timeout exceeded when trying to connect'))) {
       // A full pool means the wait was for a free client; otherwise a new connection took too long.
       return this.pool.totalCount >= this.max
