@@ -1,9 +1,8 @@
 import type { FastifyReply, FastifyRequest } from 'fastify'
 import type { PoolClient, QueryConfig } from 'pg'
-import { requestCancel } from './cancel.js'
 import { FST_REQUEST_DB_COMMIT_FAILED, FST_REQUEST_DB_RELEASED } from './errors.js'
 import type { ClientGate } from './pool.js'
-import { CANCEL_GRACE_MS, type DbSession, Session } from './session.js'
+import { assertCommitted, CANCEL_GRACE_MS, type DbSession, Session } from './session.js'
 
 /** `request.db`: the request's own connection, taken from the pool at first use. */
 export interface RequestDb extends DbSession {
@@ -111,9 +110,7 @@ export class Lease extends Session implements RequestDb {
     } catch (err) {
       throw new FST_REQUEST_DB_COMMIT_FAILED(this.gate.redact((err as Error).message), { cause: err })
     }
-    if (result.command === 'ROLLBACK') {
-      throw new FST_REQUEST_DB_COMMIT_FAILED('a statement in the transaction failed, so it was rolled back')
-    }
+    assertCommitted(result)
   }
 
   private async settleThenRelease (statusCode: number, payload: unknown): Promise<void> {
@@ -246,13 +243,6 @@ export class Lease extends Session implements RequestDb {
     if (client !== null && this.isBusy()) this.cancel(client)
   }
 
-  private cancel (client: PoolClient): void {
-    // A cancel is a signal to the backend, delivered whenever it arrives: if the statement ended
-    // first, it would hit whatever that connection runs next, another request's statement. So a
-    // connection that was sent one is closed, never reused.
-    this.broken = true
-    void requestCancel(client as never)
-  }
 
   private releasedByUser (client: PoolClient): void {
     if (this.current !== client) return

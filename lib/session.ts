@@ -57,11 +57,7 @@ export class Session implements ClientHolder, TransactionHost<Session>, DbSessio
 
   async control (sql: string): Promise<void> {
     const result = await this.query(sql)
-    // COMMIT of a transaction in which a statement failed rolls back and reports success: the
-    // command tag is the only sign. The caller caught that statement's error; it must not see "ok".
-    if (sql === 'COMMIT' && result.command === 'ROLLBACK') {
-      throw new FST_REQUEST_DB_COMMIT_FAILED('a statement in the transaction failed, so it was rolled back')
-    }
+    if (sql === 'COMMIT') assertCommitted(result)
   }
 
   rollbackFailed (rollbackError: unknown, cause: unknown): void {
@@ -76,11 +72,19 @@ export class Session implements ClientHolder, TransactionHost<Session>, DbSessio
   }
 
   forceRelease (): void {
-    this.broken = true
     this.shutdownCancel = true
     const client = this.current
-    // Marked broken above: a connection that was sent a cancel is closed, never reused (lease.ts).
-    if (client !== null && this.isBusy()) void requestCancel(client as never)
+    this.broken = true
+    if (client !== null && this.isBusy()) this.cancel(client)
+  }
+
+  /** Cancel what runs on `client`, on the server. */
+  protected cancel (client: PoolClient): void {
+    // A cancel is a signal to the backend, delivered whenever it arrives: if the statement ended
+    // first, it would hit whatever that connection runs next, another request's statement. So a
+    // connection that was sent one is closed, never reused.
+    this.broken = true
+    void requestCancel(client as never)
   }
 
   /** Take a client now (for `app.db`). */
@@ -179,5 +183,15 @@ export class Session implements ClientHolder, TransactionHost<Session>, DbSessio
     // pg >= 8.21 tracks the server's own answer (ReadyForQuery); older or foreign clients: our count.
     const status = typeof client.getTransactionStatus === 'function' ? client.getTransactionStatus() : null
     return status ?? (this.txDepth > 0 ? 'T' : 'I')
+  }
+}
+
+/**
+ * COMMIT of a transaction in which a statement failed rolls back and reports success: the command
+ * tag is the only sign. The caller caught that statement's error; it must not see "committed".
+ */
+export function assertCommitted (result: QueryResult): void {
+  if (result.command === 'ROLLBACK') {
+    throw new FST_REQUEST_DB_COMMIT_FAILED('a statement in the transaction failed, so it was rolled back')
   }
 }

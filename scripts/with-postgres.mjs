@@ -18,7 +18,6 @@ if (!process.env.DATABASE_URL) {
 }
 
 const env = { ...process.env, DATABASE_URL: process.env.DATABASE_URL || server.url }
-if (server) env.REQUEST_DB_EMBEDDED_PORT = String(server.port)
 const child = spawn(command, args, { stdio: 'inherit', env, shell: process.platform === 'win32' })
 
 let stopping = false
