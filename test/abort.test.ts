@@ -3,7 +3,7 @@
 import { request as httpRequest } from 'node:http'
 import { connect } from 'node:net'
 import t from 'tap'
-import { appBackends, buildApp, createDatabase, type TestDatabase, waitFor } from './helpers/db.js'
+import { appBackends, buildApp, countingPool, createDatabase, type TestDatabase, waitFor } from './helpers/db.js'
 import { get, getThenHangUp, listen } from './helpers/http.js'
 
 async function sleepingQueries (db: TestDatabase): Promise<number> {
@@ -12,7 +12,7 @@ async function sleepingQueries (db: TestDatabase): Promise<number> {
 
 t.test('client disconnects mid-query: the query is cancelled on the server and the client released', async (t) => {
   const db = await createDatabase(t)
-  const app = await buildApp(t, db)
+  const app = await buildApp(db)
   let handlerError: unknown = null
   app.get('/slow', async (request) => {
     try {
@@ -40,7 +40,7 @@ t.test('client disconnects mid-query: the query is cancelled on the server and t
 
 t.test('client hang-up via its own socket while the statement runs', async (t) => {
   const db = await createDatabase(t)
-  const app = await buildApp(t, db, { max: 2 })
+  const app = await buildApp(db, { max: 2 })
   app.get('/slow', async (request) => {
     await request.db.query('SELECT pg_sleep(30)')
     return 'finished'
@@ -66,7 +66,7 @@ t.test('client hang-up via its own socket while the statement runs', async (t) =
 
 t.test('handlerTimeout: 503 for the client, the statement cancelled, the client released', async (t) => {
   const db = await createDatabase(t)
-  const app = await buildApp(t, db, {}, { handlerTimeout: 300 })
+  const app = await buildApp(db, {}, { handlerTimeout: 300 })
   app.get('/slow', async (request) => {
     await request.db.query('SELECT pg_sleep(30)')
     return 'finished'
@@ -82,7 +82,7 @@ t.test('handlerTimeout: 503 for the client, the statement cancelled, the client 
 
 t.test('connectionTimeout: the socket is closed under the request; the statement is cancelled', async (t) => {
   const db = await createDatabase(t)
-  const app = await buildApp(t, db, {}, { connectionTimeout: 400 })
+  const app = await buildApp(db, {}, { connectionTimeout: 400 })
   app.get('/slow', async (request) => {
     await request.db.query('SELECT pg_sleep(30)')
     return 'finished'
@@ -96,7 +96,7 @@ t.test('connectionTimeout: the socket is closed under the request; the statement
 
 t.test('a client that hangs up while its request waits for a pool client', async (t) => {
   const db = await createDatabase(t)
-  const app = await buildApp(t, db, { max: 1 })
+  const app = await buildApp(db, { max: 1 })
   app.get('/hold', async (request) => {
     await request.db.query('SELECT pg_sleep(0.6)')
     return 'held'
@@ -113,7 +113,7 @@ t.test('a client that hangs up while its request waits for a pool client', async
 
 t.test('a slowly trickled request body holds no pool client', async (t) => {
   const db = await createDatabase(t)
-  const app = await buildApp(t, db, { idleTimeoutMs: 0 })
+  const app = await buildApp(db, { idleTimeoutMs: 0 })
   app.post('/echo', async (request) => {
     const { rows } = await request.db.query<{ n: number }>('SELECT length($1::text) AS n', [JSON.stringify(request.body)])
     return rows[0]
@@ -145,4 +145,29 @@ t.test('a slowly trickled request body holds no pool client', async (t) => {
   const res = await result
   t.equal(res.status, 200)
   t.same(JSON.parse(res.body), { n: body.length })
+})
+
+t.test('exactly once over real sockets: hang-up, handlerTimeout and connectionTimeout each release one checkout once', async (t) => {
+  const db = await createDatabase(t)
+  const { pool, counts } = countingPool(db.url)
+  db.closeFirst.push(() => pool.end())
+  const app = await buildApp(db, { pool, env: {} }, { connectionTimeout: 700 })
+  const slow = async (request: { db: { query: (sql: string) => Promise<unknown> } }): Promise<string> => {
+    await request.db.query('SELECT pg_sleep(30)')
+    return 'finished'
+  }
+  app.get('/hang-up', slow)
+  app.get('/handler-timeout', { handlerTimeout: 250 }, slow)
+  app.get('/connection-timeout', slow)
+  const port = await listen(app)
+  const base = { ...counts }
+  await getThenHangUp(port, '/hang-up', 200)
+  t.equal((await get(port, '/handler-timeout')).status, 503)
+  const cut = await get(port, '/connection-timeout').then((r) => `status ${r.status}`, (e: Error) => e.message)
+  t.match(cut, /socket hang up|ECONNRESET/)
+  await waitFor(async () => app.db.stats().leased === 0 && (await sleepingQueries(db)) === 0, 5000, 'all released and cancelled')
+  t.equal(counts.acquired - base.acquired, 3, 'three checkouts')
+  t.equal(counts.released - base.released, 3, 'three releases')
+  t.equal(counts.doubleReleases, 0, 'none released twice')
+  t.equal(counts.destroyed - base.destroyed, 3, 'each connection that was sent a cancel was closed, not reused')
 })

@@ -5,7 +5,7 @@ import { startProxy } from './helpers/proxy.js'
 
 t.test('no free client within acquireTimeoutMs: 503 FST_REQUEST_DB_ACQUIRE_TIMEOUT with Retry-After; serving goes on', async (t) => {
   const db = await createDatabase(t)
-  const app = await buildApp(t, db, { max: 1, acquireTimeoutMs: 200 })
+  const app = await buildApp(db, { max: 1, acquireTimeoutMs: 200 })
   app.get('/hold', async (request) => {
     await request.db.query('SELECT pg_sleep(1)')
     return 'held'
@@ -31,7 +31,7 @@ t.test('an app-supplied pool without connectionTimeoutMillis still never waits p
   const pg = (await import('pg')).default
   const pool = new pg.Pool({ connectionString: db.url, max: 1 })
   t.teardown(() => pool.end())
-  const app = await buildApp(t, db, { pool, acquireTimeoutMs: 200 })
+  const app = await buildApp(db, { pool, acquireTimeoutMs: 200 })
   app.get('/hold', async (request) => { await request.db.query('SELECT pg_sleep(0.8)'); return 'held' })
   app.get('/quick', async (request) => (await request.db.query('SELECT 1 AS one')).rows[0])
   await app.ready()
@@ -47,7 +47,7 @@ t.test('an app-supplied pool without connectionTimeoutMillis still never waits p
 
 t.test('maxWaiting: a full wait queue answers 503 at once instead of queueing', async (t) => {
   const db = await createDatabase(t)
-  const app = await buildApp(t, db, { max: 1, maxWaiting: 2, acquireTimeoutMs: 3000 })
+  const app = await buildApp(db, { max: 1, maxWaiting: 2, acquireTimeoutMs: 3000 })
   app.get('/slow', async (request) => {
     await request.db.query('SELECT pg_sleep(0.4)')
     return 'ok'
@@ -68,7 +68,7 @@ t.test('database unreachable during a request: 503 FST_REQUEST_DB_UNAVAILABLE; b
   t.teardown(() => proxy.close())
   const viaProxy = new URL(db.url)
   viaProxy.host = `127.0.0.1:${proxy.port}`
-  const app = await buildApp(t, db, { connectionString: viaProxy.toString(), acquireTimeoutMs: 1000 })
+  const app = await buildApp(db, { connectionString: viaProxy.toString(), acquireTimeoutMs: 1000 })
   app.get('/now', async (request) => (await request.db.query('SELECT 1 AS one')).rows[0])
   await app.ready()
   t.equal((await app.inject('/now')).statusCode, 200)
@@ -88,7 +88,7 @@ t.test('database unreachable during a request: 503 FST_REQUEST_DB_UNAVAILABLE; b
 
 t.test('from preClose on: 503 FST_REQUEST_DB_CLOSING, also for a request that arrived before close()', async (t) => {
   const db = await createDatabase(t)
-  const app = await buildApp(t, db)
+  const app = await buildApp(db)
   let arrived: () => void = () => {}
   const hasArrived = new Promise<void>((resolve) => { arrived = resolve })
   let proceed: () => void = () => {}

@@ -4,7 +4,7 @@ import { appBackends, buildApp, createDatabase, waitFor } from './helpers/db.js'
 
 t.test('a route that never uses request.db takes no client; the first query takes one', async (t) => {
   const db = await createDatabase(t)
-  const app = await buildApp(t, db, { idleTimeoutMs: 0 })
+  const app = await buildApp(db, { idleTimeoutMs: 0 })
   app.get('/none', async (request) => ({ handle: typeof request.db.query }))
   app.get('/pid', async (request) => {
     const before = app.db.stats().leased
@@ -30,7 +30,7 @@ t.test('a route that never uses request.db takes no client; the first query take
 
 t.test('concurrent first queries share one acquisition', async (t) => {
   const db = await createDatabase(t)
-  const app = await buildApp(t, db)
+  const app = await buildApp(db)
   app.get('/', async (request) => {
     const rows = await Promise.all([1, 2, 3].map(() => request.db.query<{ pid: number }>('SELECT pg_backend_pid() AS pid')))
     return new Set(rows.map((r) => r.rows[0].pid)).size
@@ -41,7 +41,7 @@ t.test('concurrent first queries share one acquisition', async (t) => {
 
 t.test('query accepts a QueryConfig and values; rows are what pg returns', async (t) => {
   const db = await createDatabase(t)
-  const app = await buildApp(t, db)
+  const app = await buildApp(db)
   app.get('/', async (request) => {
     const a = await request.db.query<{ n: number }>('SELECT $1::int AS n', [41])
     const b = await request.db.query<{ s: string }>({ text: 'SELECT $1::text AS s', values: ['x'] })
@@ -54,7 +54,7 @@ t.test('query accepts a QueryConfig and values; rows are what pg returns', async
 t.test('request.db.transaction: commit, rollback and rethrow, nested savepoints', async (t) => {
   const db = await createDatabase(t)
   await db.admin.query('CREATE TABLE items (name text PRIMARY KEY)')
-  const app = await buildApp(t, db)
+  const app = await buildApp(db)
   app.post('/commit', async (request) => {
     return request.db.transaction(async (tx) => {
       await tx.query("INSERT INTO items VALUES ('committed')")
@@ -106,7 +106,7 @@ t.test('request.db.transaction: commit, rollback and rethrow, nested savepoints'
 
 t.test('request.db.client(): the raw PoolClient; user release() breaks nothing', async (t) => {
   const db = await createDatabase(t)
-  const app = await buildApp(t, db)
+  const app = await buildApp(db)
   app.get('/', async (request) => {
     const client = await request.db.client()
     const viaClient = await client.query<{ pid: number }>('SELECT pg_backend_pid() AS pid')
@@ -125,7 +125,7 @@ t.test('request.db.client(): the raw PoolClient; user release() breaks nothing',
 
 t.test('request.db after the response was sent: FST_REQUEST_DB_RELEASED and no connection', async (t) => {
   const db = await createDatabase(t)
-  const app = await buildApp(t, db, { idleTimeoutMs: 1 })
+  const app = await buildApp(db, { idleTimeoutMs: 1 })
   let late: Promise<unknown> = Promise.resolve()
   let lateUsed: Promise<unknown> = Promise.resolve()
   app.get('/never-used', async (request, reply) => {
@@ -154,7 +154,7 @@ t.test('request.db after the response was sent: FST_REQUEST_DB_RELEASED and no c
 t.test('app.db: query, transaction and stats', async (t) => {
   const db = await createDatabase(t)
   await db.admin.query('CREATE TABLE jobs (id int PRIMARY KEY)')
-  const app = await buildApp(t, db, { max: 3 })
+  const app = await buildApp(db, { max: 3 })
   await app.ready()
   t.equal((await app.db.query<{ n: number }>('SELECT $1::int AS n', [7])).rows[0].n, 7)
   await app.db.transaction(async (tx) => { await tx.query('INSERT INTO jobs VALUES (1)') })
@@ -172,7 +172,7 @@ t.test('app.db: query, transaction and stats', async (t) => {
 
 t.test('statementTimeoutMs (DB_STATEMENT_TIMEOUT_MS) is the server-side statement_timeout', async (t) => {
   const db = await createDatabase(t)
-  const app = await buildApp(t, db, { env: { DATABASE_URL: db.url, DB_STATEMENT_TIMEOUT_MS: '150' } })
+  const app = await buildApp(db, { env: { DATABASE_URL: db.url, DB_STATEMENT_TIMEOUT_MS: '150' } })
   app.get('/setting', async (request) => (await request.db.query("SELECT current_setting('statement_timeout') AS v")).rows[0])
   app.get('/slow', async (request) => {
     await request.db.query('SELECT pg_sleep(2)')

@@ -22,7 +22,7 @@ async function storm (port: number, count: number): Promise<Array<{ status: numb
 t.test('2,000 concurrent requests on a pool of 5: each ends with 200 or 503 + Retry-After, in bounded time', { timeout: 120_000 }, async (t) => {
   const db = await createDatabase(t)
   const acquireTimeoutMs = 1000
-  const app = await buildApp(t, db, { max: 5, acquireTimeoutMs })
+  const app = await buildApp(db, { max: 5, acquireTimeoutMs })
   app.get('/slow', async (request) => (await request.db.query('SELECT pg_sleep(0.02) AS ok')).rows[0])
   await app.listen({ port: 0, host: '127.0.0.1' })
   const port = (app.server.address() as AddressInfo).port
@@ -42,7 +42,7 @@ t.test('2,000 concurrent requests on a pool of 5: each ends with 200 or 503 + Re
 
 t.test('maxWaiting sheds load at once: latency does not grow with the queue', { timeout: 120_000 }, async (t) => {
   const db = await createDatabase(t)
-  const app = await buildApp(t, db, { max: 5, maxWaiting: 20, acquireTimeoutMs: 5000 })
+  const app = await buildApp(db, { max: 5, maxWaiting: 20, acquireTimeoutMs: 5000 })
   app.get('/slow', async (request) => (await request.db.query('SELECT pg_sleep(0.05) AS ok')).rows[0])
   await app.listen({ port: 0, host: '127.0.0.1' })
   const port = (app.server.address() as AddressInfo).port

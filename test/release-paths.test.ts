@@ -64,7 +64,7 @@ t.test('released exactly once: response, throw, onSend error, double send, faili
 t.test('a transaction the handler left open is rolled back, never committed or carried over', async (t) => {
   const db = await createDatabase(t)
   await db.admin.query('CREATE TABLE notes (body text)')
-  const app = await buildApp(t, db, { max: 1 })
+  const app = await buildApp(db, { max: 1 })
   app.post('/left-open', async (request) => {
     await request.db.query('BEGIN')
     await request.db.query("INSERT INTO notes VALUES ('uncommitted')")
@@ -97,7 +97,7 @@ t.test('session state does not leak into a later request on the same connection'
       IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'request_db_reader') THEN CREATE ROLE request_db_reader; END IF;
     END $$`)
   await db.admin.query('CREATE SCHEMA other')
-  const app = await buildApp(t, db, { max: 1 })
+  const app = await buildApp(db, { max: 1 })
   const changes: Record<string, string> = {
     'set-search-path': 'SET search_path TO other',
     'set-role': 'SET ROLE request_db_reader',
@@ -128,7 +128,7 @@ t.test('session state does not leak into a later request on the same connection'
 
 t.test('a request that changed nothing costs no extra statement: its connection is reused as is', async (t) => {
   const db = await createDatabase(t)
-  const app = await buildApp(t, db, { max: 1 })
+  const app = await buildApp(db, { max: 1 })
   app.get('/', async (request) => (await request.db.query("SELECT pg_backend_pid() AS pid, 'marker-query' AS m")).rows[0])
   const a = (await app.inject('/')).json()
   await waitFor(() => app.db.stats().leased === 0, 2000, 'release')
@@ -141,7 +141,7 @@ t.test('a request that changed nothing costs no extra statement: its connection 
 
 t.test('SET LOCAL inside a transaction keeps the connection', async (t) => {
   const db = await createDatabase(t)
-  const app = await buildApp(t, db, { max: 1 })
+  const app = await buildApp(db, { max: 1 })
   app.get('/', async (request) => request.db.transaction(async (tx) => {
     await tx.query("SET LOCAL search_path TO pg_catalog")
     await tx.query("SELECT set_config('app.x', 'y', true)")
@@ -154,7 +154,7 @@ t.test('SET LOCAL inside a transaction keeps the connection', async (t) => {
 
 t.test('a connection that broke is destroyed, not returned; the next request gets a working one', async (t) => {
   const db = await createDatabase(t)
-  const app = await buildApp(t, db, { max: 2 })
+  const app = await buildApp(db, { max: 2 })
   app.get('/suicide', async (request) => {
     await request.db.query('SELECT pg_terminate_backend(pg_backend_pid())')
     return 'unreachable'
@@ -170,7 +170,7 @@ t.test('a connection that broke is destroyed, not returned; the next request get
 
 t.test('backends killed while idle in the pool or idle inside a lease do not crash the app', async (t) => {
   const db = await createDatabase(t)
-  const app = await buildApp(t, db, { max: 3 })
+  const app = await buildApp(db, { max: 3 })
   let killLeased: (() => Promise<void>) | null = null
   app.get('/leased-idle', async (request) => {
     const { rows } = await request.db.query<{ pid: number }>('SELECT pg_backend_pid() AS pid')
@@ -197,7 +197,7 @@ t.test('backends killed while idle in the pool or idle inside a lease do not cra
 
 t.test('a streamed reply keeps its client until the stream is done, then gives it back', async (t) => {
   const db = await createDatabase(t)
-  const app = await buildApp(t, db, { max: 2 })
+  const app = await buildApp(db, { max: 2 })
   app.get('/rows', async (request, reply) => {
     let n = 0
     // Reads from the database while the response is being written (what a cursor stream does).

@@ -6,7 +6,7 @@ import { get, listen } from './helpers/http.js'
 
 t.test('close() waits for a request that holds a client, then ends the pool: no backend left', async (t) => {
   const db = await createDatabase(t)
-  const app = await buildApp(t, db)
+  const app = await buildApp(db)
   app.get('/work', async (request) => {
     await request.db.query('SELECT pg_sleep(0.5)')
     return 'done'
@@ -23,7 +23,7 @@ t.test('close() waits for a request that holds a client, then ends the pool: no 
 t.test('past shutdownTimeoutMs, running statements are cancelled; close() returns within the bound', async (t) => {
   const db = await createDatabase(t)
   const shutdownTimeoutMs = 400
-  const app = await buildApp(t, db, { shutdownTimeoutMs })
+  const app = await buildApp(db, { shutdownTimeoutMs })
   app.get('/stuck', async (request) => {
     await request.db.query('SELECT pg_sleep(60)')
     return 'never'
@@ -44,7 +44,7 @@ t.test('past shutdownTimeoutMs, running statements are cancelled; close() return
 
 t.test('close() with a client held by a request that never finishes its statement on its own (inject)', async (t) => {
   const db = await createDatabase(t)
-  const app = await buildApp(t, db, { shutdownTimeoutMs: 200 })
+  const app = await buildApp(db, { shutdownTimeoutMs: 200 })
   app.get('/stuck', async (request) => {
     await request.db.query('SELECT pg_sleep(60)')
     return 'never'

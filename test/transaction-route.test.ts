@@ -7,7 +7,7 @@ import { buildApp, createDatabase, waitFor } from './helpers/db.js'
 t.test('committed before the response when the handler succeeds; rolled back when it throws', async (t) => {
   const db = await createDatabase(t)
   await db.admin.query('CREATE TABLE orders (id int PRIMARY KEY)')
-  const app = await buildApp(t, db)
+  const app = await buildApp(db)
   const tx = { config: { db: { transaction: true } } }
   app.post('/ok/:id', tx, async (request) => {
     await request.db.query('INSERT INTO orders VALUES ($1)', [Number((request.params as { id: string }).id)])
@@ -41,7 +41,7 @@ t.test('COMMIT that fails (deferred constraint) gives the client a 5xx, never a 
   const db = await createDatabase(t)
   await db.admin.query(`CREATE TABLE parents (id int PRIMARY KEY);
     CREATE TABLE children (parent int REFERENCES parents (id) DEFERRABLE INITIALLY DEFERRED)`)
-  const app = await buildApp(t, db)
+  const app = await buildApp(db)
   app.post('/orphan', { config: { db: { transaction: true } } }, async (request) => {
     await request.db.query('INSERT INTO children VALUES (42)')
     return { created: true }
@@ -90,7 +90,7 @@ t.test('handlerTimeout firing while COMMIT runs: the answer says what COMMIT did
       BEGIN PERFORM pg_sleep(0.4); IF NEW.fail THEN RAISE EXCEPTION 'rejected at commit'; END IF; RETURN NULL; END $$;
     CREATE CONSTRAINT TRIGGER slow_check AFTER INSERT ON slow_commit DEFERRABLE INITIALLY DEFERRED
       FOR EACH ROW EXECUTE FUNCTION slow_check()`)
-  const app = await buildApp(t, db, {}, { handlerTimeout: 150 })
+  const app = await buildApp(db, {}, { handlerTimeout: 150 })
   app.post('/insert/:id/:fail', { config: { db: { transaction: true } } }, async (request, reply) => {
     const { id, fail } = request.params as { id: string, fail: string }
     await request.db.query('INSERT INTO slow_commit VALUES ($1, $2)', [Number(id), fail === 'yes'])

@@ -45,7 +45,7 @@ export async function createDatabase (t: Test): Promise<TestDatabase> {
 }
 
 /** An app on `db` with the plugin registered; closed when the test ends. */
-export async function buildApp (_t: Test, db: TestDatabase, options: RequestDbOptions = {}, fastifyOptions: FastifyServerOptions = {}): Promise<FastifyInstance> {
+export async function buildApp (db: TestDatabase, options: RequestDbOptions = {}, fastifyOptions: FastifyServerOptions = {}): Promise<FastifyInstance> {
   const app = Fastify({ logger: false, ...fastifyOptions })
   db.closeFirst.push(() => app.close())
   await app.register(requestDb, { env: { DATABASE_URL: db.url }, ...options })
