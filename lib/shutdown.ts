@@ -27,7 +27,7 @@ export function addShutdownHooks (fastify: FastifyInstance, gate: ClientGate, sh
     done()
   })
 
-  fastify.addHook('onClose', async function drainAndEnd () {
+  fastify.addHook('onClose', async function giveEverythingBack () {
     // close() without a preceding preClose can't happen in Fastify, but ready() may have failed.
     gate.closing = true
     const left = Math.max(0, shutdownTimeoutMs - (startedAt === 0 ? 0 : Date.now() - startedAt))
