@@ -1,7 +1,7 @@
 import type { FastifyReply, FastifyRequest } from 'fastify'
 import type { PoolClient, QueryConfig } from 'pg'
 import { FST_REQUEST_DB_COMMIT_FAILED, FST_REQUEST_DB_RELEASED } from './errors.js'
-import type { ClientGate } from './pool.js'
+import type { ClientGate, Taken } from './pool.js'
 import { assertCommitted, CANCEL_GRACE_MS, type DbSession, Session } from './session.js'
 
 /** `request.db`: the request's own connection, taken from the pool at first use. */
@@ -41,7 +41,8 @@ export class Lease extends Session implements RequestDb {
   /** handlerTimeout fired during COMMIT: the reply was hijacked, onSend must answer itself. */
   tookOverReply = false
   private state = IDLE
-  private acquiring: Promise<PoolClient> | null = null
+  /** Callers waiting for the client being taken (concurrent first queries share it). */
+  private waiters: Taken[] | null = null
   private readonly request: FastifyRequest
   private readonly reply: FastifyReply
   private poolRelease: PoolClient['release'] | undefined = undefined
@@ -143,57 +144,94 @@ export class Lease extends Session implements RequestDb {
     }
   }
 
-  protected override async queryWithoutClient (text: string | QueryConfig, values?: unknown[]): Promise<any> {
-    return this.send(await this.checkout(), text, values)
+  protected override queryWithoutClient (text: string | QueryConfig, values?: unknown[]): Promise<any> {
+    // The first query of a request: one promise from checkout to result, as pool.query has.
+    return new Promise((resolve, reject) => {
+      this.withClient((err, client) => {
+        if (err === null) this.dispatch(client as PoolClient, text, values, resolve, reject)
+        else reject(err)
+      })
+    })
   }
 
   private checkout (): Promise<PoolClient> {
-    if (this.acquiring !== null) return this.acquiring
+    return new Promise((resolve, reject) => {
+      this.withClient((err, client) => {
+        if (err === null) resolve(client as PoolClient)
+        else reject(err)
+      })
+    })
+  }
+
+  /** Call `then` with the request's client, taking one from the pool at first use. */
+  private withClient (then: Taken): void {
+    if (this.waiters !== null) {
+      this.waiters.push(then)
+      return
+    }
+    const client = this.current
+    if (client !== null) {
+      then(null, client)
+      return
+    }
     if (this.state === ENDED || responseEnded(this.reply)) {
       // Opens no connection: after the response, background work belongs on app.db.
       this.state = ENDED
-      return Promise.reject(new FST_REQUEST_DB_RELEASED())
+      then(new FST_REQUEST_DB_RELEASED())
+      return
     }
-    this.acquiring = this.acquire()
-    return this.acquiring
-  }
-
-  private async acquire (): Promise<PoolClient> {
     this.state = ACQUIRING
-    const res = this.reply.raw
+    this.waiters = [then]
     // 'close' is the one event every ending shares: after 'finish' for a sent response, alone when
     // the client went away. Listening only once a client is wanted keeps db-less routes free.
+    const res = this.reply.raw
     leaseOfResponse.set(res, this)
     res.on('close', onResponseClose)
-    let client: PoolClient
-    try {
-      client = await this.gate.acquire(this)
-    } catch (err) {
+    this.gate.take(this, (err, taken) => this.taken(err, taken))
+  }
+
+  private taken (err: Error | null, client: PoolClient | undefined): void {
+    if (err !== null) {
       this.stopListening()
-      this.acquiring = null
       if (this.state === ACQUIRING) this.state = IDLE
-      throw err
+      this.answerWaiters(err)
+      return
     }
-    this.acquiring = null
     if (this.state !== ACQUIRING) {
       // The request ended while it waited for a client.
-      this.gate.release(this, client, false)
-      throw new FST_REQUEST_DB_RELEASED()
+      this.gate.release(this, client as PoolClient, false)
+      this.answerWaiters(new FST_REQUEST_DB_RELEASED())
+      return
     }
-    this.current = client
+    this.current = client as PoolClient
     this.state = ACTIVE
     // routeOptions is built afresh on each read: read it once.
     const route = this.request.routeOptions
     if (route.handlerTimeout > 0) {
       // handlerTimeout answers 503 but leaves the handler running: stop its statement on the server.
-      this.request.signal.addEventListener('abort', () => this.handlerTimedOut(), { once: true })
+      const signal = this.request.signal
+      signal.addEventListener('abort', () => {
+        // Fastify also aborts this signal when the request stream closes, which for a request with a
+        // body is as soon as the body was read: only its timeout error means "the handler ran out
+        // of time". (A client that went away is the response 'close' listener's business.)
+        if ((signal.reason as { code?: string } | undefined)?.code === 'FST_ERR_HANDLER_TIMEOUT') this.handlerTimedOut()
+      }, { once: true })
     }
     if ((route.config as { db?: RouteDbConfig }).db?.transaction === true) {
-      await this.send(client, 'BEGIN')
-      this.txDepth = 1
-      this.routeTxOpen = true
+      this.dispatch(client as PoolClient, 'BEGIN', undefined, () => {
+        this.txDepth = 1
+        this.routeTxOpen = true
+        this.answerWaiters(null, client)
+      }, (beginError) => this.answerWaiters(beginError))
+      return
     }
-    return client
+    this.answerWaiters(null, client)
+  }
+
+  private answerWaiters (err: Error | null, client?: PoolClient): void {
+    const waiters = this.waiters as Taken[]
+    this.waiters = null
+    for (const then of waiters) then(err, client)
   }
 
   private end (aborted: boolean): void {

@@ -105,18 +105,30 @@ export class Session implements ClientHolder, TransactionHost<Session>, DbSessio
   }
 
   protected send<R extends QueryResultRow> (client: PoolClient, text: string | QueryConfig, values?: unknown[]): Promise<QueryResult<R>> {
-    if (this.broken) return Promise.reject(unavailable(new Error('the connection failed earlier in this request'), this.gate.redact))
+    return new Promise((resolve, reject) => this.dispatch(client, text, values, resolve, reject))
+  }
+
+  /** `send` without its promise, for callers that already have one to settle. */
+  protected dispatch (client: PoolClient, text: string | QueryConfig, values: unknown[] | undefined, resolve: (result: any) => void, reject: (err: Error) => void): void {
+    if (this.broken) {
+      reject(unavailable(new Error('the connection failed earlier in this request'), this.gate.redact))
+      return
+    }
     if (!this.dirty && changesSessionState(typeof text === 'string' ? text : text.text)) this.dirty = true
     this.pending++
     // pg's callback form: its promise form adds two promises and a closure per statement, which
     // the benchmark's allocation count showed on every request.
-    return new Promise((resolve, reject) => {
-      client.query(text as string, values as unknown[], (err: Error | null, result: QueryResult<R>) => {
+    try {
+      client.query(text as string, values as unknown[], (err: Error | null, result: QueryResult) => {
         if (--this.pending === 0 && this.settled !== null) this.settled()
         if (err === null || err === undefined) resolve(result)
         else reject(this.statementError(err))
       })
-    })
+    } catch (err) {
+      // pg throws at once only for a query it could not queue (no text, say): nothing is in flight.
+      if (--this.pending === 0 && this.settled !== null) this.settled()
+      reject(err as Error)
+    }
   }
 
   private statementError (err: Error): Error {

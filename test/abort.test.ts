@@ -80,6 +80,34 @@ t.test('handlerTimeout: 503 for the client, the statement cancelled, the client 
   await waitFor(() => app.db.stats().leased === 0, 3000, 'release')
 })
 
+t.test('handlerTimeout configured, request with a body: its read-to-the-end is not taken for a timeout', async (t) => {
+  // Fastify aborts request.signal when the request stream closes, which for a body is right after
+  // it was read: only the timeout's own error may cancel statements (found by the example's test).
+  const db = await createDatabase(t)
+  const app = await buildApp(db, {}, { handlerTimeout: 5000 })
+  app.post('/write', { config: { db: { transaction: true } } }, async (request) => {
+    const first = await request.db.query<{ n: number }>('SELECT $1::int AS n', [(request.body as { n: number }).n])
+    await new Promise((resolve) => setTimeout(resolve, 20))
+    const second = await request.db.query<{ n: number }>('SELECT $1::int + 1 AS n', [first.rows[0].n])
+    return { n: second.rows[0].n }
+  })
+  const port = await listen(app)
+  for (let i = 0; i < 5; i++) {
+    const res = await new Promise<{ status: number, body: string }>((resolve, reject) => {
+      const req = httpRequest({ port, host: '127.0.0.1', path: '/write', method: 'POST', agent: false, headers: { 'content-type': 'application/json' } }, (res) => {
+        let body = ''
+        res.setEncoding('utf8')
+        res.on('data', (c) => { body += c })
+        res.on('end', () => resolve({ status: res.statusCode ?? 0, body }))
+      })
+      req.on('error', reject)
+      req.end(JSON.stringify({ n: i }))
+    })
+    t.same([res.status, JSON.parse(res.body)], [200, { n: i + 1 }], `request ${i}: answered, nothing cancelled`)
+  }
+  await waitFor(() => app.db.stats().leased === 0, 3000, 'release')
+})
+
 t.test('connectionTimeout: the socket is closed under the request; the statement is cancelled', async (t) => {
   const db = await createDatabase(t)
   const app = await buildApp(db, {}, { connectionTimeout: 400 })

@@ -45,3 +45,32 @@ t.test('options.pool: used as is, and not ended by app.close() (its owner ends i
   await app.close()
   t.equal((await pool.query('SELECT 3 AS three')).rows[0].three, 3, 'still usable after the app closed')
 })
+
+t.test('options.pool whose connect() only returns a promise (a wrapper that drops the callback) works too', async (t) => {
+  const db = await createDatabase(t)
+  const real = new pg.Pool({ connectionString: db.url, max: 2 })
+  t.teardown(() => real.end())
+  let checkouts = 0
+  const promiseOnly = {
+    connect: async () => { checkouts++; return await real.connect() },
+    end: async () => {},
+    on: (event: 'error', listener: (err: Error, client: pg.PoolClient) => void) => real.on(event, listener),
+    get totalCount () { return real.totalCount },
+    get idleCount () { return real.idleCount },
+    get waitingCount () { return real.waitingCount },
+    options: { max: 2 }
+  }
+  const app = Fastify({ logger: false })
+  t.teardown(() => app.close())
+  await app.register(requestDb, { pool: promiseOnly as unknown as pg.Pool, env: {} })
+  app.get('/', async (request) => {
+    const a = (await request.db.query('SELECT pg_backend_pid() AS pid')).rows[0].pid
+    const b = (await request.db.query('SELECT pg_backend_pid() AS pid')).rows[0].pid
+    return { same: a === b }
+  })
+  const before = checkouts
+  const answers = await Promise.all([app.inject('/'), app.inject('/'), app.inject('/')])
+  t.same(answers.map((res) => res.json()), [{ same: true }, { same: true }, { same: true }], 'each request kept one connection')
+  t.equal(checkouts - before, 3, 'one checkout per request')
+  t.equal(app.db.stats().leased, 0, 'all given back')
+})

@@ -81,7 +81,7 @@ export function countingPool (url: string, max = 10): { pool: pg.Pool, counts: {
   const real = new pg.Pool({ connectionString: url, max, connectionTimeoutMillis: 5000 })
   const counts = { acquired: 0, released: 0, destroyed: 0, doubleReleases: 0 }
   const connect = real.connect.bind(real)
-  ;(real as unknown as { connect: () => Promise<pg.PoolClient> }).connect = async () => {
+  const counted = async (): Promise<pg.PoolClient> => {
     const client = await connect()
     counts.acquired++
     const release = client.release
@@ -94,6 +94,12 @@ export function countingPool (url: string, max = 10): { pool: pg.Pool, counts: {
       return release.call(client, err)
     }
     return client
+  }
+  // Both of pg-pool's forms: the plugin uses the callback one.
+  ;(real as unknown as { connect: (cb?: (err: Error | undefined, client?: pg.PoolClient) => void) => Promise<pg.PoolClient> | undefined }).connect = (cb) => {
+    if (cb === undefined) return counted()
+    counted().then((client) => cb(undefined, client), (err: Error) => cb(err))
+    return undefined
   }
   return { pool: real, counts }
 }
