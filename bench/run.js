@@ -1,6 +1,6 @@
 // npm run bench: every variant, interleaved (A B C … A B C …), at 10 and 100 connections, for
 // several rounds. Per run: a fresh app process, a warm-up, then a measured autocannon window.
-// Writes bench/results.md. Options: --rounds N (3), --duration S (5), --warmup S (1),
+// Writes bench/results.md. Options: --rounds N (3), --duration S (5), --warmup S (2),
 // --connections 10,100, --only a,b
 import { fork } from 'node:child_process'
 import { writeFileSync } from 'node:fs'
@@ -13,7 +13,7 @@ const { values: args } = parseArgs({
   options: {
     rounds: { type: 'string', default: '3' },
     duration: { type: 'string', default: '5' },
-    warmup: { type: 'string', default: '1' },
+    warmup: { type: 'string', default: '2' },
     connections: { type: 'string', default: '10,100' },
     only: { type: 'string' }
   }
@@ -80,12 +80,13 @@ for (let round = 1; round <= rounds; round++) {
         p50: r.latency.p50,
         p99: r.latency.p99,
         cpuPerReq: responses > 0 ? report.cpuMicros / responses : NaN,
+        mainPerReq: responses > 0 && report.mainMicros !== null ? report.mainMicros / responses : NaN,
         peakRss: report.peakRss,
         answered,
         errors: r.errors + r.timeouts + r.non2xx
       }
       ;((results[connections] ??= {})[name] ??= []).push(row)
-      process.stderr.write(`round ${round} c=${connections} ${name.padEnd(26)} ${row.rps.toFixed(0).padStart(6)} req/s  p99 ${row.p99} ms  ${row.cpuPerReq.toFixed(1)} µs/req  ${answered ? '' : 'STOPPED ANSWERING'}\n`)
+      process.stderr.write(`round ${round} c=${connections} ${name.padEnd(26)} ${row.rps.toFixed(0).padStart(6)} req/s  p99 ${row.p99} ms  ${row.cpuPerReq.toFixed(1)} µs/req (main thread ${row.mainPerReq.toFixed(1)})  ${answered ? '' : 'STOPPED ANSWERING'}\n`)
     }
   }
 }
@@ -102,14 +103,15 @@ let md = `# Benchmark results\n\n${new Date().toISOString().slice(0, 10)} · Nod
   `pool max 10, logger off · ${rounds} interleaved rounds of ${duration} s (after ${warmup} s warm-up), a fresh app process per run · ` +
   `load from autocannon in the parent process on loopback\n\n` +
   'Ratios are per round against the anchor in the same round, then the median. CPU is the app process\'s ' +
-  '`process.cpuUsage()` over the measured window divided by the responses.\n'
+  '`process.cpuUsage()` over the measured window divided by the responses (all threads); "of which main thread" is the ' +
+  'JavaScript thread alone (from /proc), the rest being V8\'s helper threads (garbage collection, optimizing compiler).\n'
 for (const connections of levels) {
-  md += `\n## ${connections} connections\n\n| variant | req/s | p50 ms | p99 ms | app CPU µs/req | peak RSS MB | vs anchor (req/s) | anchor | errors | answers after run |\n|---|---:|---:|---:|---:|---:|---:|---|---:|---|\n`
+  md += `\n## ${connections} connections\n\n| variant | req/s | p50 ms | p99 ms | app CPU µs/req | of which main thread | peak RSS MB | vs anchor (req/s) | anchor | errors | answers after run |\n|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|\n`
   for (const name of names) {
     const rows = results[connections][name]
     const anchor = variants[name].anchor
     md += `| ${name} | ${fmt(median(rows.map((r) => r.rps)))} | ${fmt(median(rows.map((r) => r.p50)), 1)} | ${fmt(median(rows.map((r) => r.p99)), 1)} | ` +
-      `${fmt(median(rows.map((r) => r.cpuPerReq)), 1)} | ${fmt(Math.max(...rows.map((r) => r.peakRss)) / 1048576, 0)} | ` +
+      `${fmt(median(rows.map((r) => r.cpuPerReq)), 1)} | ${fmt(median(rows.map((r) => r.mainPerReq)), 1)} | ${fmt(Math.max(...rows.map((r) => r.peakRss)) / 1048576, 0)} | ` +
       `${anchor ? fmt(ratio(connections, name, anchor), 3) : '1'} | ${anchor ?? '–'} | ${rows.reduce((a, r) => a + r.errors, 0)} | ${rows.every((r) => r.answered) ? 'yes' : 'NO'} |\n`
   }
 }
