@@ -4,7 +4,7 @@ import { request as httpRequest } from 'node:http'
 import { connect } from 'node:net'
 import t from 'tap'
 import { appBackends, buildApp, countingPool, createDatabase, type TestDatabase, waitFor } from './helpers/db.js'
-import { get, getThenHangUp, listen } from './helpers/http.js'
+import { get, getThenHangUp, listen, postJson } from './helpers/http.js'
 
 async function sleepingQueries (db: TestDatabase): Promise<number> {
   return (await appBackends(db)).filter((b) => b.state === 'active' && b.query.includes('pg_sleep')).length
@@ -93,16 +93,7 @@ t.test('handlerTimeout configured, request with a body: its read-to-the-end is n
   })
   const port = await listen(app)
   for (let i = 0; i < 5; i++) {
-    const res = await new Promise<{ status: number, body: string }>((resolve, reject) => {
-      const req = httpRequest({ port, host: '127.0.0.1', path: '/write', method: 'POST', agent: false, headers: { 'content-type': 'application/json' } }, (res) => {
-        let body = ''
-        res.setEncoding('utf8')
-        res.on('data', (c) => { body += c })
-        res.on('end', () => resolve({ status: res.statusCode ?? 0, body }))
-      })
-      req.on('error', reject)
-      req.end(JSON.stringify({ n: i }))
-    })
+    const res = await postJson(port, '/write', { n: i })
     t.same([res.status, JSON.parse(res.body)], [200, { n: i + 1 }], `request ${i}: answered, nothing cancelled`)
   }
   await waitFor(() => app.db.stats().leased === 0, 3000, 'release')

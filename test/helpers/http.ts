@@ -21,15 +21,24 @@ export function getThenHangUp (port: number, path: string, ms: number): Promise<
 }
 
 export function get (port: number, path: string): Promise<{ status: number, body: string }> {
-  return new Promise((resolve, reject) => {
-    const req = httpRequest({ port, host: '127.0.0.1', path, agent: false }, (res) => {
-      let body = ''
-      res.setEncoding('utf8')
-      res.on('data', (c) => { body += c })
-      res.on('end', () => resolve({ status: res.statusCode ?? 0, body }))
-    })
-    req.on('error', reject)
-    req.end()
-  })
+  return send(port, 'GET', path)
 }
 
+/** POST of a JSON body, read to the end. */
+export function postJson (port: number, path: string, json: unknown): Promise<{ status: number, body: string }> {
+  return send(port, 'POST', path, JSON.stringify(json))
+}
+
+function send (port: number, method: string, path: string, body?: string): Promise<{ status: number, body: string }> {
+  return new Promise((resolve, reject) => {
+    const headers = body === undefined ? {} : { 'content-type': 'application/json' }
+    const req = httpRequest({ port, host: '127.0.0.1', path, method, agent: false, headers }, (res) => {
+      let text = ''
+      res.setEncoding('utf8')
+      res.on('data', (c) => { text += c })
+      res.on('end', () => resolve({ status: res.statusCode ?? 0, body: text }))
+    })
+    req.on('error', reject)
+    req.end(body)
+  })
+}
