@@ -4,6 +4,15 @@ import { FST_REQUEST_DB_COMMIT_FAILED, FST_REQUEST_DB_RELEASED } from './errors.
 import type { ClientGate, Taken } from './pool.js'
 import { assertCommitted, CANCEL_GRACE_MS, type DbSession, Session } from './session.js'
 
+/**
+ * A client that went away while a statement ran: how long the statement may finish on its own
+ * before it is cancelled. Most statements end within moments, and a cancel costs the connection
+ * (see Session.cancel): under an abort storm (a load balancer's timeout, a load generator's stop)
+ * cancelling at once replaced every busy connection, and the new ones' handshakes hit the requests
+ * that followed. A long statement still stops a quarter of a second after the hang-up.
+ */
+export const ABORT_CANCEL_DELAY_MS = 250
+
 /** `request.db`: the request's own connection, taken from the pool at first use. */
 export interface RequestDb extends DbSession {
   /**
@@ -46,6 +55,8 @@ export class Lease extends Session implements RequestDb {
   private readonly request: FastifyRequest
   private readonly reply: FastifyReply
   private poolRelease: PoolClient['release'] | undefined = undefined
+  /** The request is over and its release waits for statements before it would cancel them. */
+  private awaitingStatements = false
 
   constructor (gate: ClientGate, request: FastifyRequest, reply: FastifyReply) {
     super(gate)
@@ -127,7 +138,10 @@ export class Lease extends Session implements RequestDb {
   override forceRelease (): void {
     this.broken = true
     this.shutdownCancel = true
-    this.end(true)
+    if (this.state !== ENDED) this.end(true)
+    // A release waiting for statements to end on their own (finish) cancels them now instead; one
+    // that already cancelled them keeps waiting for that.
+    else if (this.awaitingStatements) this.stopWaiting()
   }
 
   override connectionFailed (err: Error): void {
@@ -242,7 +256,8 @@ export class Lease extends Session implements RequestDb {
     const client = this.current as PoolClient
     this.current = null
     this.routeTxOpen = false
-    if (aborted && this.isBusy()) this.cancel(client)
+    // What runs on a raw client handed to user code cannot be seen, nor waited for.
+    if (aborted && this.rawHandedOut) this.cancel(client)
     if (this.pending === 0) void this.giveBack(client, this.rawHandedOut, this.poolRelease)
     else void this.finish(client, aborted)
   }
@@ -257,9 +272,16 @@ export class Lease extends Session implements RequestDb {
   }
 
   private async finish (client: PoolClient, aborted: boolean): Promise<void> {
-    // A response that was sent normally lets its statements finish; an aborted one had them
-    // cancelled, and a statement that ignores the cancel loses its connection.
-    await this.whenSettled(aborted ? CANCEL_GRACE_MS : Number.POSITIVE_INFINITY)
+    // A response that was sent normally lets its statements finish; an aborted one gives them a
+    // moment, then cancels them (as does shutdown, at once), and a statement that ignores the
+    // cancel loses its connection.
+    this.awaitingStatements = true
+    await this.whenSettled(aborted ? ABORT_CANCEL_DELAY_MS : Number.POSITIVE_INFINITY)
+    this.awaitingStatements = false
+    if (this.pending > 0 && (aborted || this.shutdownCancel)) {
+      this.cancel(client)
+      await this.whenSettled(CANCEL_GRACE_MS)
+    }
     await this.giveBack(client, this.rawHandedOut, this.poolRelease)
   }
 

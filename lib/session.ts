@@ -145,7 +145,12 @@ export class Session implements ClientHolder, TransactionHost<Session>, DbSessio
     return this.pending > 0 || this.rawHandedOut
   }
 
-  /** Resolves when no statement of ours is in flight, or after `ms`. */
+  /** End a `whenSettled` wait now, statements or not (shutdown's last resort). */
+  protected stopWaiting (): void {
+    if (this.settled !== null) this.settled()
+  }
+
+  /** Resolves when no statement of ours is in flight, or after `ms`, or on `stopWaiting()`. */
   protected whenSettled (ms: number): Promise<void> {
     if (this.pending === 0) return Promise.resolve()
     return new Promise((resolve) => {

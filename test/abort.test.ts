@@ -64,6 +64,33 @@ t.test('client hang-up via its own socket while the statement runs', async (t) =
   t.ok(cancelledPid !== undefined && !pids.has(cancelledPid), 'the cancelled connection was closed, not returned to the pool')
 })
 
+t.test('a hang-up during a statement that ends within moments: no cancel, the connection is kept', async (t) => {
+  const db = await createDatabase(t)
+  const { pool, counts } = countingPool(db.url, 2)
+  db.closeFirst.push(() => pool.end())
+  const app = await buildApp(db, { pool, env: {} })
+  let handlerSaw: string | null = null
+  app.get('/brief', async (request) => {
+    // 100 ms, well within ABORT_CANCEL_DELAY_MS of the hang-up (which comes after it started).
+    await request.db.query('SELECT pg_sleep(0.1)').then(() => { handlerSaw = 'finished' }, (err: Error) => { handlerSaw = err.message })
+    return 'done'
+  })
+  app.get('/pid', async (request) => (await request.db.query('SELECT pg_backend_pid() AS pid')).rows[0])
+  const port = await listen(app)
+  const pidBefore = JSON.parse((await get(port, '/pid')).body).pid
+  const base = { ...counts }
+  const socket = connect(port, '127.0.0.1')
+  socket.on('error', () => {})
+  socket.write('GET /brief HTTP/1.1\r\nHost: x\r\n\r\n')
+  await waitFor(() => sleepingQueries(db), 5000, 'the statement to start')
+  socket.destroy()
+  await waitFor(() => app.db.stats().leased === 0, 3000, 'release')
+  t.equal(handlerSaw, 'finished', 'the statement was left to finish, not cancelled')
+  t.equal(counts.released - base.released, 1, 'released once')
+  t.equal(counts.destroyed - base.destroyed, 0, 'its connection went back to the pool, not closed')
+  t.equal(JSON.parse((await get(port, '/pid')).body).pid, pidBefore, 'the next request uses the same connection')
+})
+
 t.test('handlerTimeout: 503 for the client, the statement cancelled, the client released', async (t) => {
   const db = await createDatabase(t)
   const app = await buildApp(db, {}, { handlerTimeout: 300 })

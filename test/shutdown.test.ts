@@ -58,3 +58,25 @@ t.test('close() with a client held by a request that never finishes its statemen
   t.equal((await inFlight).statusCode, 503, 'the cancelled statement surfaces as 503')
   await waitFor(async () => (await appBackends(db)).length === 0, 2000, 'no backend left')
 })
+
+t.test('close() with a statement still running after its response was sent (fire and forget)', async (t) => {
+  const db = await createDatabase(t)
+  const app = await buildApp(db, { shutdownTimeoutMs: 200 })
+  let background: string | null = null
+  app.get('/forget', async (request) => {
+    await request.db.query('SELECT 1')
+    // Not awaited: the response goes out while this runs, so the release waits for it.
+    request.db.query('SELECT pg_sleep(60)').then(() => { background = 'finished' }, (err: { code?: string }) => { background = err.code ?? 'error' })
+    return 'sent'
+  })
+  const port = await listen(app)
+  t.equal((await get(port, '/forget')).status, 200)
+  await waitFor(async () => (await appBackends(db)).some((b) => b.query.includes('pg_sleep(60)') && b.state === 'active'), 3000, 'the statement')
+  t.equal(app.db.stats().leased, 1, 'the client is held until the statement ends')
+  const started = Date.now()
+  await app.close()
+  // Before the release could be forced during that wait, close() waited for the 60 s statement.
+  t.ok(Date.now() - started < 5000, `close() returned in time (${Date.now() - started}ms)`)
+  t.equal(background, 'FST_REQUEST_DB_CLOSING', 'the statement was cancelled by the shutdown')
+  await waitFor(async () => (await appBackends(db)).length === 0, 2000, 'no backend left')
+})
