@@ -35,23 +35,25 @@ export function addRequestHooks (fastify: FastifyInstance, gate: ClientGate): vo
       done(null, payload)
       return
     }
-    const commit = lease.responseReady(reply.statusCode, payload)
-    if (commit === null) {
+    if (!lease.routeTxOpen) {
+      // Synchronous: an async onSend would let a second reply.send() slip through before the first
+      // is written.
+      lease.releaseEarly(payload)
       done(null, payload)
       return
     }
-    // While COMMIT runs, another path may have answered already (handlerTimeout's 503, a second
-    // reply.send): writing again would throw ERR_HTTP_HEADERS_SENT from a promise callback and take
-    // the process down. Found by the soak run.
-    commit.then(() => {
-      if (!reply.raw.headersSent) done(null, payload)
-    }, (err: Error & { statusCode?: number }) => {
-      if (reply.raw.headersSent) {
+    lease.settleThenRelease(reply.statusCode, payload, (err) => {
+      // While COMMIT ran, another path may have answered already (handlerTimeout's 503, a second
+      // reply.send): writing again would throw ERR_HTTP_HEADERS_SENT and take the process down.
+      // Found by the soak run.
+      if (err === null) {
+        if (!reply.raw.headersSent) done(null, payload)
+      } else if (reply.raw.headersSent) {
         request.log.error({ err }, 'fastify-request-db: the transaction failed after another response was sent')
       } else if (lease.tookOverReply) {
         // A hijacked reply no longer goes through Fastify's error handling: answer here.
         request.log.error({ err }, 'fastify-request-db: COMMIT failed')
-        const status = err.statusCode ?? 500
+        const status = (err as { statusCode?: number }).statusCode ?? 500
         reply.raw.writeHead(status, { 'content-type': 'application/json; charset=utf-8' })
         reply.raw.end(JSON.stringify({ statusCode: status, code: (err as { code?: string }).code, error: 'Internal Server Error', message: err.message }))
       } else {

@@ -1,8 +1,8 @@
 import type { FastifyReply, FastifyRequest } from 'fastify'
-import type { PoolClient, QueryConfig } from 'pg'
+import type { PoolClient, QueryConfig, QueryResult } from 'pg'
 import { FST_REQUEST_DB_COMMIT_FAILED, FST_REQUEST_DB_RELEASED } from './errors.js'
 import type { ClientGate, Taken } from './pool.js'
-import { assertCommitted, CANCEL_GRACE_MS, type DbSession, Session } from './session.js'
+import { CANCEL_GRACE_MS, type DbSession, notCommitted, Session } from './session.js'
 
 /**
  * A client that went away while a statement ran: how long the statement may finish on its own
@@ -81,58 +81,53 @@ export class Lease extends Session implements RequestDb {
   }
 
   /**
-   * onSend: the handler is done and the payload is ready. A route transaction is committed (or
-   * rolled back) now, before anything reaches the client; then the client goes back to the pool
-   * without waiting for the bytes to be written, so it serves the next request sooner. A streamed
+   * onSend: the handler is done and the payload is ready, so the client goes back to the pool
+   * without waiting for the bytes to be written, and serves the next request sooner. A streamed
    * payload may still read from the client (a cursor), as may user code that took the raw client:
    * those keep it until the response closes.
    */
-  responseReady (statusCode: number, payload: unknown): Promise<void> | null {
-    // Synchronous unless a COMMIT must finish first: an async onSend would let a second
-    // reply.send() slip through before the first is written.
-    if (this.routeTxOpen) return this.settleThenRelease(statusCode, payload)
-    this.releaseEarly(payload)
-    return null
-  }
-
-  private releaseEarly (payload: unknown): void {
+  releaseEarly (payload: unknown): void {
     if (this.state === ACTIVE && !this.rawHandedOut && !isStream(payload)) this.end(false)
   }
 
+  /**
+   * onSend of a transaction route: COMMIT (or ROLLBACK) before anything reaches the client, then
+   * release as `releaseEarly` does. A failed COMMIT keeps the client for the error response's own
+   * onSend. Callbacks, not async/await: this runs on every transaction route, and each await is a
+   * promise.
+   */
+  settleThenRelease (statusCode: number, payload: unknown, then: (err: Error | null) => void): void {
+    this.settle(statusCode, (err) => {
+      // From here onSend answers synchronously (no timer can fire before it writes).
+      this.settling = false
+      if (err === null) this.releaseEarly(payload)
+      then(err)
+    })
+  }
+
   /** COMMIT the route's transaction if the request succeeded, else ROLLBACK. */
-  private async settle (statusCode: number): Promise<void> {
+  private settle (statusCode: number, then: (err: Error | null) => void): void {
     this.routeTxOpen = false
     this.settling = true
     const client = this.current
-    if (client === null) return
+    if (client === null) {
+      then(null)
+      return
+    }
     this.txDepth = 0
     if (this.failed || statusCode >= 400) {
       // A broken connection takes its transaction with it: the server rolls back on disconnect.
-      if (this.broken) return
-      try {
-        await this.send(client, 'ROLLBACK')
-      } catch (err) {
-        this.rollbackFailed(err, null)
+      if (this.broken) {
+        then(null)
+        return
       }
+      this.dispatch(client, 'ROLLBACK', undefined, () => then(null), (err) => {
+        this.rollbackFailed(err, null)
+        then(null)
+      })
       return
     }
-    let result
-    try {
-      result = await this.send(client, 'COMMIT')
-    } catch (err) {
-      throw new FST_REQUEST_DB_COMMIT_FAILED(this.gate.redact((err as Error).message), { cause: err })
-    }
-    assertCommitted(result)
-  }
-
-  private async settleThenRelease (statusCode: number, payload: unknown): Promise<void> {
-    try {
-      await this.settle(statusCode)
-    } finally {
-      // From here onSend answers synchronously (no timer can fire before it writes).
-      this.settling = false
-    }
-    this.releaseEarly(payload)
+    this.dispatch(client, 'COMMIT', undefined, (result: QueryResult) => then(notCommitted(result)), (err) => then(new FST_REQUEST_DB_COMMIT_FAILED(this.gate.redact(err.message), { cause: err })))
   }
 
   override forceRelease (): void {

@@ -208,7 +208,13 @@ export class Session implements ClientHolder, TransactionHost<Session>, DbSessio
  * tag is the only sign. The caller caught that statement's error; it must not see "committed".
  */
 export function assertCommitted (result: QueryResult): void {
-  if (result.command === 'ROLLBACK') {
-    throw new FST_REQUEST_DB_COMMIT_FAILED('a statement in the transaction failed, so it was rolled back')
-  }
+  const err = notCommitted(result)
+  if (err !== null) throw err
+}
+
+/** `assertCommitted` for callback code: the error to report, or null when COMMIT committed. */
+export function notCommitted (result: QueryResult): Error | null {
+  return result.command === 'ROLLBACK'
+    ? new FST_REQUEST_DB_COMMIT_FAILED('a statement in the transaction failed, so it was rolled back')
+    : null
 }
