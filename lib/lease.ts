@@ -1,6 +1,6 @@
 import type { FastifyReply, FastifyRequest } from 'fastify'
 import type { PoolClient, QueryConfig, QueryResult } from 'pg'
-import { FST_REQUEST_DB_COMMIT_FAILED, FST_REQUEST_DB_RELEASED } from './errors.js'
+import { FST_REQUEST_DB_CLOSING, FST_REQUEST_DB_COMMIT_FAILED, FST_REQUEST_DB_RELEASED } from './errors.js'
 import type { ClientGate, Taken } from './pool.js'
 import { CANCEL_GRACE_MS, type DbSession, notCommitted, Session } from './session.js'
 
@@ -37,7 +37,7 @@ const ENDED = 3
  * A request's lease on one pool client. Nothing is taken from the pool until the first query, and
  * the client is given back exactly once, on whichever comes first of: the response finishing, the
  * connection closing under it (abort, connectionTimeout), or shutdown. Release waits for statements
- * in flight; on abort it first cancels them on the server.
+ * in flight; on abort it gives them ABORT_CANCEL_DELAY_MS, then cancels them on the server.
  */
 export class Lease extends Session implements RequestDb {
   override readonly countsAsLease = true
@@ -123,11 +123,12 @@ export class Lease extends Session implements RequestDb {
       }
       this.dispatch(client, 'ROLLBACK', undefined, () => then(null), (err) => {
         this.rollbackFailed(err, null)
-        then(null)
+        afterPg(then, null)
       })
       return
     }
-    this.dispatch(client, 'COMMIT', undefined, (result: QueryResult) => then(notCommitted(result)), (err) => then(new FST_REQUEST_DB_COMMIT_FAILED(this.gate.redact(err.message), { cause: err })))
+    this.dispatch(client, 'COMMIT', undefined, (result: QueryResult) => then(notCommitted(result)),
+      (err) => afterPg(then, new FST_REQUEST_DB_COMMIT_FAILED(this.gate.redact(err.message), { cause: err })))
   }
 
   override forceRelease (): void {
@@ -184,9 +185,10 @@ export class Lease extends Session implements RequestDb {
       return
     }
     if (this.state === ENDED || responseEnded(this.reply)) {
-      // Opens no connection: after the response, background work belongs on app.db.
+      // Opens no connection: after the response, background work belongs on app.db. A request
+      // still running whose client the shutdown took back gets the shutdown's 503 instead.
       this.state = ENDED
-      then(new FST_REQUEST_DB_RELEASED())
+      then(this.shutdownCancel ? new FST_REQUEST_DB_CLOSING() : new FST_REQUEST_DB_RELEASED())
       return
     }
     this.state = ACQUIRING
@@ -251,9 +253,7 @@ export class Lease extends Session implements RequestDb {
     const client = this.current as PoolClient
     this.current = null
     this.routeTxOpen = false
-    // What runs on a raw client handed to user code cannot be seen, nor waited for.
-    if (aborted && this.rawHandedOut) this.cancel(client)
-    if (this.pending === 0) void this.giveBack(client, this.rawHandedOut, this.poolRelease)
+    if (this.pending === 0 && !(aborted && this.rawHandedOut)) void this.giveBack(client, this.rawHandedOut, this.poolRelease)
     else void this.finish(client, aborted)
   }
 
@@ -268,12 +268,15 @@ export class Lease extends Session implements RequestDb {
 
   private async finish (client: PoolClient, aborted: boolean): Promise<void> {
     // A response that was sent normally lets its statements finish; an aborted one gives them a
-    // moment, then cancels them (as does shutdown, at once), and a statement that ignores the
-    // cancel loses its connection.
-    this.awaitingStatements = true
-    await this.whenSettled(aborted ? ABORT_CANCEL_DELAY_MS : Number.POSITIVE_INFINITY)
-    this.awaitingStatements = false
-    if (this.pending > 0 && (aborted || this.shutdownCancel)) {
+    // moment to end on their own, then cancels them. Shutdown cancels at once, and so does an
+    // abort while user code holds the raw client (what runs on it can be neither seen nor waited
+    // for). A statement that ignores the cancel loses its connection.
+    if (!this.shutdownCancel && !(aborted && this.rawHandedOut)) {
+      this.awaitingStatements = true
+      await this.whenSettled(aborted ? ABORT_CANCEL_DELAY_MS : Number.POSITIVE_INFINITY)
+      this.awaitingStatements = false
+    }
+    if ((aborted || this.shutdownCancel) && this.isBusy()) {
       this.cancel(client)
       await this.whenSettled(CANCEL_GRACE_MS)
     }
@@ -298,7 +301,6 @@ export class Lease extends Session implements RequestDb {
     if (client !== null && this.isBusy()) this.cancel(client)
   }
 
-
   private releasedByUser (client: PoolClient): void {
     if (this.current !== client) return
     this.current = null
@@ -318,6 +320,15 @@ const leaseOfResponse = new WeakMap<object, Lease>()
 function onResponseClose (this: FastifyReply['raw']): void {
   const lease = leaseOfResponse.get(this)
   if (lease !== undefined) lease.responseClosed(!this.writableEnded)
+}
+
+/**
+ * pg reports a failed statement as soon as the server's error arrives, before the connection is
+ * ready again (its transaction status is stale, its message parsing mid-way). Success is reported
+ * once it is ready, so only failures are moved out of pg's hands before the response goes on.
+ */
+function afterPg (then: (err: Error | null) => void, err: Error | null): void {
+  queueMicrotask(() => then(err))
 }
 
 function isStream (payload: unknown): boolean {

@@ -50,6 +50,8 @@ export interface ClientHolder {
  */
 class ClientRecord {
   holder: ClientHolder | null = null
+  /** The connection closed while held: the record goes when the holder gives it back. */
+  ended = false
 }
 
 const TIMED_OUT = new Error('acquire timed out')
@@ -71,9 +73,9 @@ export class ClientGate {
   private waiting = 0
   /** Clients held right now (by requests and `app.db` alike). */
   private held = 0
-  // One record per connection, made at its first checkout. Nothing here changes per request: a Set
-  // of holders (add and delete on every request) made V8 promote each request's objects to the old
-  // generation, several times the garbage-collection work of a raw pool.
+  // One record per connection, made at its first checkout; a request only writes its holder field.
+  // A Set of holders (add and delete on every request) made V8 promote each request's objects to
+  // the old generation, several times the garbage-collection work of a raw pool.
   private readonly records = new WeakMap<PoolClient, ClientRecord>()
   private readonly connections = new Set<ClientRecord>()
   private readonly acquireTimeoutMs: number
@@ -136,6 +138,7 @@ export class ClientGate {
       record.holder = null
       this.held--
       if (holder.countsAsLease) this.leased--
+      if (record.ended) this.connections.delete(record)
     }
     poolRelease.call(client, destroy ? new Error('fastify-request-db: connection not reusable') : undefined)
     if (this.drained !== null && this.held === 0) this.drained()
@@ -183,7 +186,12 @@ export class ClientGate {
     // whose backend dies emits 'error' with no listener, which would crash the process. Idle
     // clients are pg-pool's to report (its 'error' event on the pool); held ones are ours.
     client.on('error', (err: Error) => record.holder?.connectionFailed(err))
-    client.once('end', () => this.connections.delete(record))
+    client.once('end', () => {
+      // A held connection that died stays listed until it is given back: shutdown must still
+      // find its holder, or pg-pool's end() would wait forever for it.
+      if (record.holder === null) this.connections.delete(record)
+      else record.ended = true
+    })
     return record
   }
 

@@ -69,10 +69,17 @@ t.test('a hang-up during a statement that ends within moments: no cancel, the co
   const { pool, counts } = countingPool(db.url, 2)
   db.closeFirst.push(() => pool.end())
   const app = await buildApp(db, { pool, env: {} })
+  // The statement waits on a lock the test holds: it is surely running when the client hangs up,
+  // and it ends when the test says so, not after some sleep.
+  const locker = await db.admin.connect()
+  t.teardown(() => locker.release())
+  await locker.query('SELECT pg_advisory_lock(4711)')
+  let serverSawHangUp!: () => void
+  const hangUpSeen = new Promise<void>((resolve) => { serverSawHangUp = resolve })
   let handlerSaw: string | null = null
-  app.get('/brief', async (request) => {
-    // 100 ms, well within ABORT_CANCEL_DELAY_MS of the hang-up (which comes after it started).
-    await request.db.query('SELECT pg_sleep(0.1)').then(() => { handlerSaw = 'finished' }, (err: Error) => { handlerSaw = err.message })
+  app.get('/brief', async (request, reply) => {
+    reply.raw.on('close', () => serverSawHangUp())
+    await request.db.query('SELECT pg_advisory_xact_lock(4711)').then(() => { handlerSaw = 'finished' }, (err: Error) => { handlerSaw = err.message })
     return 'done'
   })
   app.get('/pid', async (request) => (await request.db.query('SELECT pg_backend_pid() AS pid')).rows[0])
@@ -82,8 +89,14 @@ t.test('a hang-up during a statement that ends within moments: no cancel, the co
   const socket = connect(port, '127.0.0.1')
   socket.on('error', () => {})
   socket.write('GET /brief HTTP/1.1\r\nHost: x\r\n\r\n')
-  await waitFor(() => sleepingQueries(db), 5000, 'the statement to start')
+  await waitFor(async () => (await appBackends(db)).some((b) => b.state === 'active' && b.query.includes('pg_advisory_xact_lock')), 5000, 'the statement to wait on the lock')
+  t.equal(app.db.stats().leased, 1, 'the request holds its client when the client hangs up')
   socket.destroy()
+  await hangUpSeen
+  // Long enough for a cancel sent at the hang-up to land (a cancel is one new connection), well
+  // within ABORT_CANCEL_DELAY_MS (250 ms).
+  await new Promise((resolve) => setTimeout(resolve, 50))
+  await locker.query('SELECT pg_advisory_unlock(4711)')
   await waitFor(() => app.db.stats().leased === 0, 3000, 'release')
   t.equal(handlerSaw, 'finished', 'the statement was left to finish, not cancelled')
   t.equal(counts.released - base.released, 1, 'released once')

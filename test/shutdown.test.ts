@@ -80,3 +80,32 @@ t.test('close() with a statement still running after its response was sent (fire
   t.equal(background, 'FST_REQUEST_DB_CLOSING', 'the statement was cancelled by the shutdown')
   await waitFor(async () => (await appBackends(db)).length === 0, 2000, 'no backend left')
 })
+
+t.test('close() reaches a request whose connection died while it held it (inside a transaction)', async (t) => {
+  const db = await createDatabase(t)
+  const app = await buildApp(db, { shutdownTimeoutMs: 100 })
+  let letHandlerGoOn!: () => void
+  const handlerMayGoOn = new Promise<void>((resolve) => { letHandlerGoOn = resolve })
+  app.get('/tx', { config: { db: { transaction: true } } }, async (request) => {
+    await request.db.query('SELECT 1')
+    await handlerMayGoOn
+    await request.db.query('SELECT 2')
+    return 'never'
+  })
+  await app.ready()
+  const inFlight = app.inject('/tx')
+  const backend = await waitFor(async () => (await appBackends(db)).find((b) => b.state === 'idle in transaction'), 3000, 'the transaction')
+  await db.admin.query('SELECT pg_terminate_backend($1)', [backend?.pid])
+  // The request keeps its dead connection (its transaction is lost, so its next query must fail),
+  // and its handler is still busy: only the shutdown's forced release can give the client back.
+  await waitFor(async () => (await appBackends(db)).length === 0, 3000, 'the backend to go')
+  t.equal(app.db.stats().leased, 1, 'still held by the request')
+  const closing = app.close()
+  await waitFor(() => app.db.stats().leased === 0, 3000, 'the forced release to reach it')
+  letHandlerGoOn()
+  const res = await inFlight
+  t.equal(res.statusCode, 503, 'its next query failed')
+  t.equal(JSON.parse(res.body).code, 'FST_REQUEST_DB_CLOSING', 'with the shutdown\'s error, not "used after the request ended"')
+  await closing
+  t.same(app.db.stats(), { total: 0, idle: 0, waiting: 0, leased: 0 })
+})
