@@ -52,6 +52,8 @@ export class Lease extends Session implements RequestDb {
   private state = IDLE
   /** Callers waiting for the client being taken (concurrent first queries share it). */
   private waiters: Taken[] | null = null
+  /** The response's 'close' listener is on (from the first query). */
+  private listening = false
   private readonly request: FastifyRequest
   private readonly reply: FastifyReply
   private poolRelease: PoolClient['release'] | undefined = undefined
@@ -195,15 +197,16 @@ export class Lease extends Session implements RequestDb {
     this.waiters = [then]
     // 'close' is the one event every ending shares: after 'finish' for a sent response, alone when
     // the client went away. Listening only once a client is wanted keeps db-less routes free.
-    const res = this.reply.raw
-    leaseOfResponse.set(res, this)
-    res.on('close', onResponseClose)
+    if (!this.listening) {
+      this.listening = true
+      const res = this.reply.raw
+      res.on('close', () => this.end(!res.writableEnded))
+    }
     this.gate.take(this, (err, taken) => this.taken(err, taken))
   }
 
   private taken (err: Error | null, client: PoolClient | undefined): void {
     if (err !== null) {
-      this.stopListening()
       if (this.state === ACQUIRING) this.state = IDLE
       this.answerWaiters(err)
       return
@@ -247,23 +250,14 @@ export class Lease extends Session implements RequestDb {
 
   private end (aborted: boolean): void {
     const state = this.state
+    // Also reached from 'close' after onSend released: then there is nothing left to do.
     this.state = ENDED
-    this.stopListening()
     if (state !== ACTIVE) return
     const client = this.current as PoolClient
     this.current = null
     this.routeTxOpen = false
     if (this.pending === 0 && !(aborted && this.rawHandedOut)) void this.giveBack(client, this.rawHandedOut, this.poolRelease)
     else void this.finish(client, aborted)
-  }
-
-  private stopListening (): void {
-    leaseOfResponse.delete(this.reply.raw)
-  }
-
-  /** The response closed: finished normally, or the connection went away under it. */
-  responseClosed (aborted: boolean): void {
-    this.end(aborted)
   }
 
   private async finish (client: PoolClient, aborted: boolean): Promise<void> {
@@ -312,14 +306,6 @@ export class Lease extends Session implements RequestDb {
     // Its statements were not ours to see, so its session state is unknown: close it.
     void this.giveBack(client, true, poolRelease)
   }
-}
-
-// One shared 'close' listener that finds its lease here, rather than a closure per request.
-const leaseOfResponse = new WeakMap<object, Lease>()
-
-function onResponseClose (this: FastifyReply['raw']): void {
-  const lease = leaseOfResponse.get(this)
-  if (lease !== undefined) lease.responseClosed(!this.writableEnded)
 }
 
 /**
