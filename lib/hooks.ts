@@ -8,8 +8,8 @@ import type { ClientGate } from './pool.js'
  * so slow bodies and db-less routes hold no connection. onSend commits a route transaction and
  * gives the client back as soon as the payload is ready (Fastify runs it for aborted requests
  * too); the response's 'close' event (lease.ts) covers the rest and, after a short grace, cancels
- * statements of a client that went away. Neither onResponse (skipped on abort) nor onRequestAbort (documented as not
- * completely reliable) is relied on.
+ * statements of a client that went away. Neither onResponse (skipped on abort) nor onRequestAbort
+ * (documented as not completely reliable) is relied on.
  */
 export function addRequestHooks (fastify: FastifyInstance, gate: ClientGate): void {
   fastify.addHook('onRequest', function setUpRequestDb (request, reply, done) {

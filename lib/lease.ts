@@ -1,17 +1,8 @@
 import type { FastifyReply, FastifyRequest } from 'fastify'
 import type { PoolClient, QueryConfig, QueryResult } from 'pg'
 import { FST_REQUEST_DB_CLOSING, FST_REQUEST_DB_COMMIT_FAILED, FST_REQUEST_DB_RELEASED } from './errors.js'
-import type { ClientGate, Taken } from './pool.js'
+import { type ClientGate, promised, type Taken } from './pool.js'
 import { CANCEL_GRACE_MS, type DbSession, notCommitted, Session } from './session.js'
-
-/**
- * A client that went away while a statement ran: how long the statement may finish on its own
- * before it is cancelled. Most statements end within moments, and a cancel costs the connection
- * (see Session.cancel): under an abort storm (a load balancer's timeout, a load generator's stop)
- * cancelling at once replaced every busy connection, and the new ones' handshakes hit the requests
- * that followed. A long statement still stops a quarter of a second after the hang-up.
- */
-export const ABORT_CANCEL_DELAY_MS = 250
 
 /** `request.db`: the request's own connection, taken from the pool at first use. */
 export interface RequestDb extends DbSession {
@@ -37,7 +28,7 @@ const ENDED = 3
  * A request's lease on one pool client. Nothing is taken from the pool until the first query, and
  * the client is given back exactly once, on whichever comes first of: the response finishing, the
  * connection closing under it (abort, connectionTimeout), or shutdown. Release waits for statements
- * in flight; on abort it gives them ABORT_CANCEL_DELAY_MS, then cancels them on the server.
+ * in flight; on abort it gives them `abortGraceMs`, then cancels them on the server.
  */
 export class Lease extends Session implements RequestDb {
   override readonly countsAsLease = true
@@ -67,7 +58,7 @@ export class Lease extends Session implements RequestDb {
   }
 
   async client (): Promise<PoolClient> {
-    const client = this.current ?? await this.checkout()
+    const client = this.current ?? await promised((taken) => this.withClient(taken))
     if (this.poolRelease === undefined) {
       this.rawHandedOut = true
       this.poolRelease = client.release
@@ -125,12 +116,12 @@ export class Lease extends Session implements RequestDb {
       }
       this.dispatch(client, 'ROLLBACK', undefined, () => then(null), (err) => {
         this.rollbackFailed(err, null)
-        afterPg(then, null)
+        then(null)
       })
       return
     }
     this.dispatch(client, 'COMMIT', undefined, (result: QueryResult) => then(notCommitted(result)),
-      (err) => afterPg(then, new FST_REQUEST_DB_COMMIT_FAILED(this.gate.redact(err.message), { cause: err })))
+      (err) => then(new FST_REQUEST_DB_COMMIT_FAILED(this.gate.redact(err.message), { cause: err })))
   }
 
   override forceRelease (): void {
@@ -161,15 +152,6 @@ export class Lease extends Session implements RequestDb {
     return new Promise((resolve, reject) => {
       this.withClient((err, client) => {
         if (err === null) this.dispatch(client as PoolClient, text, values, resolve, reject)
-        else reject(err)
-      })
-    })
-  }
-
-  private checkout (): Promise<PoolClient> {
-    return new Promise((resolve, reject) => {
-      this.withClient((err, client) => {
-        if (err === null) resolve(client as PoolClient)
         else reject(err)
       })
     })
@@ -262,12 +244,15 @@ export class Lease extends Session implements RequestDb {
 
   private async finish (client: PoolClient, aborted: boolean): Promise<void> {
     // A response that was sent normally lets its statements finish; an aborted one gives them a
-    // moment to end on their own, then cancels them. Shutdown cancels at once, and so does an
-    // abort while user code holds the raw client (what runs on it can be neither seen nor waited
-    // for). A statement that ignores the cancel loses its connection.
+    // moment to end on their own, then cancels them: most statements end within moments, and a
+    // cancel costs the connection (see Session.cancel), so under an abort storm (a proxy's timeout,
+    // a load generator's stop) cancelling at once replaced every busy connection and the new ones'
+    // handshakes hit the requests that followed. Shutdown cancels at once, and so does an abort
+    // while user code holds the raw client (what runs on it can be neither seen nor waited for).
+    // A statement that ignores the cancel loses its connection.
     if (!this.shutdownCancel && !(aborted && this.rawHandedOut)) {
       this.awaitingStatements = true
-      await this.whenSettled(aborted ? ABORT_CANCEL_DELAY_MS : Number.POSITIVE_INFINITY)
+      await this.whenSettled(aborted ? this.gate.abortGraceMs : Number.POSITIVE_INFINITY)
       this.awaitingStatements = false
     }
     if ((aborted || this.shutdownCancel) && this.isBusy()) {
@@ -306,15 +291,6 @@ export class Lease extends Session implements RequestDb {
     // Its statements were not ours to see, so its session state is unknown: close it.
     void this.giveBack(client, true, poolRelease)
   }
-}
-
-/**
- * pg reports a failed statement as soon as the server's error arrives, before the connection is
- * ready again (its transaction status is stale, its message parsing mid-way). Success is reported
- * once it is ready, so only failures are moved out of pg's hands before the response goes on.
- */
-function afterPg (then: (err: Error | null) => void, err: Error | null): void {
-  queueMicrotask(() => then(err))
 }
 
 function isStream (payload: unknown): boolean {

@@ -27,6 +27,13 @@ export interface RequestDbOptions {
    */
   shutdownTimeoutMs?: number
   /**
+   * When the HTTP client goes away while a statement runs, how long the statement may finish on
+   * its own before it is cancelled on the server. A cancel costs the connection (it is closed, never
+   * reused), so cancelling at once under many hang-ups together replaced every busy connection.
+   * Env: `DB_ABORT_GRACE_MS`. Default: 250.
+   */
+  abortGraceMs?: number
+  /**
    * Most requests that may wait for a client at once; one more is answered 503 at once.
    * Env: `DB_POOL_MAX_WAITING`. Default: unlimited (the wait is still bounded by `acquireTimeoutMs`).
    */
@@ -60,6 +67,7 @@ export interface ResolvedOptions {
   readonly idleTimeoutMs: number
   readonly statementTimeoutMs: number
   readonly shutdownTimeoutMs: number
+  readonly abortGraceMs: number
   readonly maxWaiting: number
   readonly pool: PostgresPool | undefined
   /** Strings that must never reach a message or a log line. */
@@ -72,6 +80,7 @@ const DEFAULTS = {
   idleTimeoutMs: 10000,
   statementTimeoutMs: 0,
   shutdownTimeoutMs: 10000,
+  abortGraceMs: 250,
   maxWaiting: Number.POSITIVE_INFINITY
 } as const
 
@@ -92,6 +101,7 @@ const INTEGER_SETTINGS: readonly IntegerSetting[] = [
   { option: 'idleTimeoutMs', env: 'DB_IDLE_TIMEOUT_MS', min: 0, max: MAX_TIMER_MS },
   { option: 'statementTimeoutMs', env: 'DB_STATEMENT_TIMEOUT_MS', min: 0, max: MAX_TIMER_MS },
   { option: 'shutdownTimeoutMs', env: 'DB_SHUTDOWN_TIMEOUT_MS', min: 0, max: MAX_TIMER_MS },
+  { option: 'abortGraceMs', env: 'DB_ABORT_GRACE_MS', min: 0, max: MAX_TIMER_MS },
   { option: 'maxWaiting', env: 'DB_POOL_MAX_WAITING', min: 0, max: 1_000_000 }
 ]
 
@@ -135,6 +145,7 @@ export function resolveOptions (options: RequestDbOptions = {}, env: Env = optio
     idleTimeoutMs: numbers.idleTimeoutMs,
     statementTimeoutMs: numbers.statementTimeoutMs,
     shutdownTimeoutMs: numbers.shutdownTimeoutMs,
+    abortGraceMs: numbers.abortGraceMs,
     maxWaiting: numbers.maxWaiting,
     pool,
     secrets: Object.freeze(secrets)

@@ -59,6 +59,16 @@ const TIMED_OUT = new Error('acquire timed out')
 /** How a checkout answers: an error (typed 503), or the client. */
 export type Taken = (err: Error | null, client?: PoolClient) => void
 
+/** A checkout in callback form as a promise, for the callers that want one. */
+export function promised (start: (taken: Taken) => void): Promise<PoolClient> {
+  return new Promise((resolve, reject) => {
+    start((err, client) => {
+      if (err === null) resolve(client as PoolClient)
+      else reject(err)
+    })
+  })
+}
+
 /**
  * Hands out pool clients and takes them back, and keeps the books: how many are leased, who holds
  * them (for shutdown), and whether the app is closing. Every client a request or `app.db` uses
@@ -68,6 +78,8 @@ export class ClientGate {
   readonly pool: PostgresPool
   readonly log: FastifyBaseLogger
   readonly redact: (text: string) => string
+  /** An aborted request's statement runs this long before it is cancelled (options.abortGraceMs). */
+  readonly abortGraceMs: number
   closing = false
   leased = 0
   private waiting = 0
@@ -91,6 +103,7 @@ export class ClientGate {
     this.log = log
     this.redact = redact
     this.acquireTimeoutMs = options.acquireTimeoutMs
+    this.abortGraceMs = options.abortGraceMs
     this.maxWaiting = options.maxWaiting
     this.max = pool.options?.max ?? options.max
     const poolTimeout = pool.options?.connectionTimeoutMillis ?? 0
@@ -99,12 +112,7 @@ export class ClientGate {
 
   /** Take a client for `holder`. Rejects with a typed 503 error: never waits past acquireTimeoutMs. */
   acquire (holder: ClientHolder): Promise<PoolClient> {
-    return new Promise((resolve, reject) => {
-      this.take(holder, (err, client) => {
-        if (err === null) resolve(client as PoolClient)
-        else reject(err)
-      })
-    })
+    return promised((taken) => this.take(holder, taken))
   }
 
   /**

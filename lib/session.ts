@@ -108,7 +108,13 @@ export class Session implements ClientHolder, TransactionHost<Session>, DbSessio
     return new Promise((resolve, reject) => this.dispatch(client, text, values, resolve, reject))
   }
 
-  /** `send` without its promise, for callers that already have one to settle. */
+  /**
+   * `send` without its promise, for callers that already have one to settle (or none: onSend's
+   * COMMIT). `resolve` runs once the connection is ready again; `reject` a microtask after pg
+   * reports the failure, because pg reports it as soon as the server's error arrives, mid-way
+   * through the message and with a stale transaction status, and a caller may go on to release
+   * the client or send a response from there.
+   */
   protected dispatch (client: PoolClient, text: string | QueryConfig, values: unknown[] | undefined, resolve: (result: any) => void, reject: (err: Error) => void): void {
     if (this.broken) {
       reject(unavailable(new Error('the connection failed earlier in this request'), this.gate.redact))
@@ -121,8 +127,12 @@ export class Session implements ClientHolder, TransactionHost<Session>, DbSessio
     try {
       client.query(text as string, values as unknown[], (err: Error | null, result: QueryResult) => {
         if (--this.pending === 0 && this.settled !== null) this.settled()
-        if (err === null || err === undefined) resolve(result)
-        else reject(this.statementError(err))
+        if (err === null || err === undefined) {
+          resolve(result)
+          return
+        }
+        const error = this.statementError(err)
+        queueMicrotask(() => reject(error))
       })
     } catch (err) {
       // pg throws at once only for a query it could not queue (no text, say): nothing is in flight.

@@ -3,9 +3,16 @@
 import { spawn, execFileSync } from 'node:child_process'
 import t from 'tap'
 
-function embeddedServers (): number {
-  const out = execFileSync('ps', ['-eo', 'args']).toString()
-  return out.split('\n').filter((line) => /postgres/.test(line) && /request-db-pg-/.test(line) && / -D /.test(line)).length
+/**
+ * Data directories of the embedded PostgreSQL servers whose postmaster is a child of `parent` (or,
+ * with no parent given, of any process): other test files run their own servers at the same time.
+ */
+function embeddedServers (parent?: number): string[] {
+  const out = execFileSync('ps', ['-eo', 'ppid=,args=']).toString()
+  return out.split('\n').flatMap((line) => {
+    const match = /^\s*(\d+)\s+\S*postgres\S*\s.*-D\s+(\S*request-db-pg-\S*)/.exec(line)
+    return match !== null && (parent === undefined || Number(match[1]) === parent) ? [match[2]] : []
+  })
 }
 
 async function json (url: string, init?: RequestInit): Promise<{ status: number, body: any }> {
@@ -14,7 +21,6 @@ async function json (url: string, init?: RequestInit): Promise<{ status: number,
 }
 
 t.test('npm start\'s example: embedded database, health, accounts, transfer, clean SIGTERM', { timeout: 120_000 }, async (t) => {
-  const before = embeddedServers()
   const env: Record<string, string> = { ...process.env as Record<string, string>, PORT: '0', LOG_LEVEL: 'warn' }
   delete env.DATABASE_URL
   const child = spawn(process.execPath, ['example/server.js'], { env, stdio: ['ignore', 'pipe', 'pipe'] })
@@ -30,7 +36,8 @@ t.test('npm start\'s example: embedded database, health, accounts, transfer, cle
     })
     child.on('exit', () => reject(new Error(`example exited early:\n${output}`)))
   })
-  t.equal(embeddedServers(), before + 1, 'it started its own embedded PostgreSQL')
+  const own = embeddedServers(child.pid)
+  t.equal(own.length, 1, 'it started its own embedded PostgreSQL')
 
   const health = await json(`${base}/health`)
   t.equal(health.status, 200)
@@ -48,5 +55,5 @@ t.test('npm start\'s example: embedded database, health, accounts, transfer, cle
 
   child.kill('SIGTERM')
   t.equal(await exited, 0, 'exits 0 on SIGTERM')
-  t.equal(embeddedServers(), before, 'no orphan postgres process')
+  t.notOk(embeddedServers().includes(own[0]), 'no orphan postgres process')
 })

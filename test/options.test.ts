@@ -13,6 +13,7 @@ t.test('defaults', async (t) => {
   t.equal(o.idleTimeoutMs, 10000)
   t.equal(o.statementTimeoutMs, 0)
   t.equal(o.shutdownTimeoutMs, 10000)
+  t.equal(o.abortGraceMs, 250)
   t.equal(o.maxWaiting, Number.POSITIVE_INFINITY)
   t.same(o.connection, { host: 'localhost', port: 5432, user: undefined, password: undefined, database: undefined })
   t.ok(Object.isFrozen(o), 'resolved options are frozen')
@@ -26,14 +27,15 @@ t.test('env wins over defaults, explicit options win over env; 0 survives', asyn
     DB_IDLE_TIMEOUT_MS: '0',
     DB_STATEMENT_TIMEOUT_MS: '1500',
     DB_SHUTDOWN_TIMEOUT_MS: '300',
+    DB_ABORT_GRACE_MS: '40',
     DB_POOL_MAX_WAITING: '7'
   }
   const fromEnv = resolveOptions({}, env)
-  t.same([fromEnv.max, fromEnv.acquireTimeoutMs, fromEnv.idleTimeoutMs, fromEnv.statementTimeoutMs, fromEnv.shutdownTimeoutMs, fromEnv.maxWaiting],
-    [4, 250, 0, 1500, 300, 7])
-  const explicit = resolveOptions({ max: 2, acquireTimeoutMs: 100, idleTimeoutMs: 5, statementTimeoutMs: 0, shutdownTimeoutMs: 0, maxWaiting: 0 }, env)
-  t.same([explicit.max, explicit.acquireTimeoutMs, explicit.idleTimeoutMs, explicit.statementTimeoutMs, explicit.shutdownTimeoutMs, explicit.maxWaiting],
-    [2, 100, 5, 0, 0, 0])
+  t.same([fromEnv.max, fromEnv.acquireTimeoutMs, fromEnv.idleTimeoutMs, fromEnv.statementTimeoutMs, fromEnv.shutdownTimeoutMs, fromEnv.abortGraceMs, fromEnv.maxWaiting],
+    [4, 250, 0, 1500, 300, 40, 7])
+  const explicit = resolveOptions({ max: 2, acquireTimeoutMs: 100, idleTimeoutMs: 5, statementTimeoutMs: 0, shutdownTimeoutMs: 0, abortGraceMs: 0, maxWaiting: 0 }, env)
+  t.same([explicit.max, explicit.acquireTimeoutMs, explicit.idleTimeoutMs, explicit.statementTimeoutMs, explicit.shutdownTimeoutMs, explicit.abortGraceMs, explicit.maxWaiting],
+    [2, 100, 5, 0, 0, 0, 0])
 })
 
 t.test('options.env is where env is read; the caller\'s object is not changed', async (t) => {
