@@ -1,4 +1,4 @@
-// npm run bench: every variant, interleaved (A B C … A B C …), at 10 and 100 connections, for
+// npm run bench: every variant, interleaved (A B C … C B A …), at 10 and 100 connections, for
 // several rounds. Per run: a fresh app process, a warm-up, then a measured autocannon window.
 // Writes bench/results.md. Options: --rounds N (5), --duration S (4), --warmup S (2),
 // --connections 10,100, --only a,b
