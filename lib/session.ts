@@ -57,7 +57,8 @@ export class Session implements ClientHolder, TransactionHost<Session>, DbSessio
 
   async control (sql: string): Promise<void> {
     const result = await this.query(sql)
-    if (sql === 'COMMIT') assertCommitted(result)
+    const notDone = sql === 'COMMIT' ? notCommitted(result) : null
+    if (notDone !== null) throw notDone
   }
 
   rollbackFailed (rollbackError: unknown, cause: unknown): void {
@@ -126,7 +127,7 @@ export class Session implements ClientHolder, TransactionHost<Session>, DbSessio
     // the benchmark's allocation count showed on every request.
     try {
       client.query(text as string, values as unknown[], (err: Error | null, result: QueryResult) => {
-        if (--this.pending === 0 && this.settled !== null) this.settled()
+        this.statementEnded()
         if (err === null || err === undefined) {
           resolve(result)
           return
@@ -136,9 +137,13 @@ export class Session implements ClientHolder, TransactionHost<Session>, DbSessio
       })
     } catch (err) {
       // pg throws at once only for a query it could not queue (no text, say): nothing is in flight.
-      if (--this.pending === 0 && this.settled !== null) this.settled()
+      this.statementEnded()
       reject(err as Error)
     }
+  }
+
+  private statementEnded (): void {
+    if (--this.pending === 0 && this.settled !== null) this.settled()
   }
 
   private statementError (err: Error): Error {
@@ -216,13 +221,8 @@ export class Session implements ClientHolder, TransactionHost<Session>, DbSessio
 /**
  * COMMIT of a transaction in which a statement failed rolls back and reports success: the command
  * tag is the only sign. The caller caught that statement's error; it must not see "committed".
+ * Returns the error to report, or null when COMMIT committed.
  */
-export function assertCommitted (result: QueryResult): void {
-  const err = notCommitted(result)
-  if (err !== null) throw err
-}
-
-/** `assertCommitted` for callback code: the error to report, or null when COMMIT committed. */
 export function notCommitted (result: QueryResult): Error | null {
   return result.command === 'ROLLBACK'
     ? new FST_REQUEST_DB_COMMIT_FAILED('a statement in the transaction failed, so it was rolled back')
