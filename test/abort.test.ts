@@ -1,10 +1,9 @@
 // Requests that end badly over real sockets: the client hangs up, handlerTimeout or
 // connectionTimeout fires, the body trickles in. Uses app.listen and node:http, not inject.
 import { request as httpRequest } from 'node:http'
-import { connect } from 'node:net'
 import t from 'tap'
 import { appBackends, buildApp, countingPool, createDatabase, type TestDatabase, waitFor } from './helpers/db.js'
-import { get, getThenHangUp, listen, postJson } from './helpers/http.js'
+import { get, getOnOwnSocket, getThenHangUp, listen, postJson } from './helpers/http.js'
 
 async function sleepingQueries (db: TestDatabase): Promise<number> {
   return (await appBackends(db)).filter((b) => b.state === 'active' && b.query.includes('pg_sleep')).length
@@ -47,9 +46,7 @@ t.test('client hang-up via its own socket while the statement runs', async (t) =
   })
   app.get('/quick', async (request) => (await request.db.query('SELECT 1 AS one')).rows[0])
   const port = await listen(app)
-  const socket = connect(port, '127.0.0.1')
-  socket.on('error', () => {})
-  socket.write('GET /slow HTTP/1.1\r\nHost: x\r\n\r\n')
+  const socket = getOnOwnSocket(port, '/slow')
   await waitFor(() => sleepingQueries(db), 5000, 'the query to start')
   const cancelledPid = (await appBackends(db)).find((b) => b.query.includes('pg_sleep'))?.pid
   t.equal(app.db.stats().leased, 1)
@@ -87,9 +84,7 @@ t.test('a hang-up during a statement that ends within moments: no cancel, the co
   const port = await listen(app)
   const pidBefore = JSON.parse((await get(port, '/pid')).body).pid
   const base = { ...counts }
-  const socket = connect(port, '127.0.0.1')
-  socket.on('error', () => {})
-  socket.write('GET /brief HTTP/1.1\r\nHost: x\r\n\r\n')
+  const socket = getOnOwnSocket(port, '/brief')
   await waitFor(async () => (await appBackends(db)).some((b) => b.state === 'active' && b.query.includes('pg_advisory_xact_lock')), 5000, 'the statement to wait on the lock')
   t.equal(app.db.stats().leased, 1, 'the request holds its client when the client hangs up')
   socket.destroy()

@@ -1,22 +1,16 @@
 // Overload: far more concurrent requests than clients. Every request ends, fast, with 200 or a
 // 503 that says when to retry; a bounded wait queue sheds at once instead of growing latency.
-import type { AddressInfo } from 'node:net'
 import t from 'tap'
-import { Agent, request } from 'undici'
 import { buildApp, createDatabase, waitFor } from './helpers/db.js'
+import { get, listen } from './helpers/http.js'
 
+/** `count` GETs at once, each on its own connection. */
 async function storm (port: number, count: number): Promise<Array<{ status: number, retryAfter: unknown, ms: number }>> {
-  const agent = new Agent({ connections: count, pipelining: 0 })
-  try {
-    const started = Date.now()
-    return await Promise.all(Array.from({ length: count }, async () => {
-      const res = await request(`http://127.0.0.1:${port}/slow`, { dispatcher: agent })
-      await res.body.dump()
-      return { status: res.statusCode, retryAfter: res.headers['retry-after'], ms: Date.now() - started }
-    }))
-  } finally {
-    await agent.close()
-  }
+  const started = Date.now()
+  return await Promise.all(Array.from({ length: count }, async () => {
+    const res = await get(port, '/slow')
+    return { status: res.status, retryAfter: res.headers['retry-after'], ms: Date.now() - started }
+  }))
 }
 
 t.test('2,000 concurrent requests on a pool of 5: each ends with 200 or 503 + Retry-After, in bounded time', { timeout: 120_000 }, async (t) => {
@@ -24,8 +18,7 @@ t.test('2,000 concurrent requests on a pool of 5: each ends with 200 or 503 + Re
   const acquireTimeoutMs = 1000
   const app = await buildApp(db, { max: 5, acquireTimeoutMs })
   app.get('/slow', async (request) => (await request.db.query('SELECT pg_sleep(0.02) AS ok')).rows[0])
-  await app.listen({ port: 0, host: '127.0.0.1' })
-  const port = (app.server.address() as AddressInfo).port
+  const port = await listen(app)
   const rssBefore = process.memoryUsage.rss()
   const results = await storm(port, 2000)
   const ok = results.filter((r) => r.status === 200)
@@ -44,8 +37,7 @@ t.test('maxWaiting sheds load at once: latency does not grow with the queue', { 
   const db = await createDatabase(t)
   const app = await buildApp(db, { max: 5, maxWaiting: 20, acquireTimeoutMs: 5000 })
   app.get('/slow', async (request) => (await request.db.query('SELECT pg_sleep(0.05) AS ok')).rows[0])
-  await app.listen({ port: 0, host: '127.0.0.1' })
-  const port = (app.server.address() as AddressInfo).port
+  const port = await listen(app)
   const results = await storm(port, 1000)
   const shed = results.filter((r) => r.status === 503)
   const ok = results.filter((r) => r.status === 200)
