@@ -1,5 +1,6 @@
 import fastifyPostgres from '@fastify/postgres'
 import type { FastifyInstance } from 'fastify'
+import pg from 'pg'
 import { AppDatabase } from './app-db.js'
 import { FST_REQUEST_DB_CONNECT } from './errors.js'
 import { addRequestHooks } from './hooks.js'
@@ -42,11 +43,25 @@ async function obtainPool (fastify: FastifyInstance, options: ResolvedOptions): 
     ...options.connection,
     max: options.max,
     idleTimeoutMillis: options.idleTimeoutMs,
-    // pg-pool's default (0) waits forever for a client.
-    connectionTimeoutMillis: options.acquireTimeoutMs,
+    // No connectionTimeoutMillis on the pool: it would start a timer on every checkout. The wait
+    // for a client is bounded by the gate, and opening a connection by the client itself.
+    Client: clientWithConnectTimeout(options.acquireTimeoutMs),
     ...(options.statementTimeoutMs > 0 ? { statement_timeout: options.statementTimeoutMs } : {})
   })
   return (fastify as unknown as { pg: { pool: PostgresPool } }).pg.pool
+}
+
+/**
+ * pg's Client with a bound on opening its connection (TCP, TLS, authentication): without one, a
+ * server that accepts but never answers would hold a pool slot until the OS gives up on the socket.
+ */
+function clientWithConnectTimeout (ms: number): typeof pg.Client {
+  return class TimedClient extends pg.Client {
+    constructor (config: pg.ClientConfig = {}) {
+      // pg-pool makes the password non-enumerable, which a spread would drop: name it.
+      super({ ...config, password: config.password, connectionTimeoutMillis: ms })
+    }
+  }
 }
 
 /**

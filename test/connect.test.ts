@@ -1,4 +1,5 @@
 // The connectivity check at ready, and the rule that no error or log line shows a password.
+import { type AddressInfo, createServer, type Socket } from 'node:net'
 import { Writable } from 'node:stream'
 import { inspect } from 'node:util'
 import Fastify from 'fastify'
@@ -59,3 +60,37 @@ for (const [name, env, message] of cases) {
     t.notOk(logs.includes(SECRET), 'not in any log line')
   })
 }
+
+t.test('a server that accepts but never answers: ready() rejects within acquireTimeoutMs and the attempt is closed', async (t) => {
+  // A hung proxy or a paused server: TCP connects, the startup message gets no answer. pg-pool
+  // bounds only the wait for a client here, so the client itself must give up on opening the
+  // connection, or the attempt would hold a pool slot until the OS gives up on the socket.
+  const sockets: Socket[] = []
+  let closedByClient = 0
+  const silent = createServer((socket) => {
+    sockets.push(socket)
+    socket.resume() // read (and ignore) the startup message, so the client's hang-up is seen
+    socket.on('error', () => {})
+    socket.on('close', () => { closedByClient++ })
+  })
+  await new Promise<void>((resolve) => silent.listen(0, '127.0.0.1', resolve))
+  t.teardown(() => {
+    for (const socket of sockets) socket.destroy()
+    silent.close()
+  })
+  const { port } = silent.address() as AddressInfo
+  const app = Fastify({ logger: false })
+  t.teardown(() => app.close().catch(() => {}))
+  const started = Date.now()
+  const err = await app.register(requestDb, { env: { DATABASE_URL: `postgres://u:${SECRET}@127.0.0.1:${port}/shop` }, acquireTimeoutMs: 300 })
+    .ready().then(() => null, (e: Error) => e)
+  const elapsed = Date.now() - started
+  t.equal((err as { code?: string } | null)?.code, 'FST_REQUEST_DB_CONNECT')
+  t.match(err?.message, new RegExp(`at 127\\.0\\.0\\.1:${port}/shop`))
+  t.ok(elapsed < 3000, `rejected after ${elapsed} ms`)
+  t.equal(sockets.length, 1, 'one connection was attempted')
+  // Before app.close(): the client gives up on its own.
+  const deadline = Date.now() + 3000
+  while (closedByClient === 0 && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 20))
+  t.equal(closedByClient, 1, 'and closed by the client, not left open')
+})
