@@ -72,10 +72,10 @@ class Waiter {
 /**
  * The checkouts waiting for a client, each answered with a timeout at its deadline. One timer for
  * all of them: pg-pool's connectionTimeoutMillis starts and clears a timer on every checkout, idle
- * client or not, which cost ≈ 1.7 µs of CPU per request in the benchmark and widened its p99.
+ * client or not, which cost ≈ 1–1.5 µs of user CPU per request with real PostgreSQL under load.
  * Every waiter gets the same wait, so deadlines come in arrival order and only the oldest matters.
  */
-class WaitQueue {
+export class WaitQueue {
   private head: Waiter | null = null
   private tail: Waiter | null = null
   private timer: NodeJS.Timeout | null = null
@@ -104,7 +104,13 @@ class WaitQueue {
 
   private dropAnswered (): void {
     let head = this.head
-    while (head !== null && head.answered) head = head.next
+    while (head !== null && head.answered) {
+      const next = head.next
+      // Unlinked as it leaves: a waiter V8 already moved to the old generation would otherwise keep
+      // every later one alive until the next full collection (the benchmark's RSS tripled).
+      head.next = null
+      head = next
+    }
     this.head = head
     if (head === null) this.tail = null
   }
