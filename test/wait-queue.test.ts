@@ -1,6 +1,6 @@
 // The waiting checkouts' deadlines: one timer for all of them, answered in arrival order.
 import t from 'tap'
-import { WaitQueue } from '../lib/pool.js'
+import { WaitQueue } from '../lib/wait-queue.js'
 
 const never = (): void => {}
 const sleep = (ms: number): Promise<void> => new Promise((resolve) => setTimeout(resolve, ms))

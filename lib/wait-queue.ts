@@ -1,0 +1,80 @@
+import type { Taken } from './pool.js'
+
+/** A checkout waiting for a client; the queue keeps them in arrival order, as pg-pool serves them. */
+export class Waiter {
+  answered = false
+  next: Waiter | null = null
+  readonly taken: Taken
+  readonly deadline: number
+
+  constructor (taken: Taken, deadline: number) {
+    this.taken = taken
+    this.deadline = deadline
+  }
+}
+
+/**
+ * The checkouts waiting for a client, each answered with a timeout at its deadline. One timer for
+ * all of them: pg-pool's connectionTimeoutMillis starts and clears a timer on every checkout, idle
+ * client or not, which cost ≈ 1–1.5 µs of user CPU per request with real PostgreSQL under load.
+ * Every waiter gets the same wait, so deadlines come in arrival order and only the oldest matters.
+ */
+export class WaitQueue {
+  private head: Waiter | null = null
+  private tail: Waiter | null = null
+  private timer: NodeJS.Timeout | null = null
+  private readonly ms: number
+  private readonly expired: (waiter: Waiter) => void
+
+  constructor (ms: number, expired: (waiter: Waiter) => void) {
+    this.ms = ms
+    this.expired = expired
+  }
+
+  add (taken: Taken): Waiter {
+    const waiter = new Waiter(taken, performance.now() + this.ms)
+    if (this.tail === null) this.head = waiter
+    else this.tail.next = waiter
+    this.tail = waiter
+    if (this.timer === null) this.arm(this.ms)
+    return waiter
+  }
+
+  /** The waiter got its answer. pg-pool answers in order, so this is nearly always the oldest. */
+  answered (waiter: Waiter): void {
+    waiter.answered = true
+    this.dropAnswered()
+  }
+
+  private dropAnswered (): void {
+    let head = this.head
+    while (head !== null && head.answered) {
+      const next = head.next
+      // Unlinked as it leaves: a waiter V8 already moved to the old generation would otherwise keep
+      // every later one alive until the next full collection (the benchmark's RSS tripled).
+      head.next = null
+      head = next
+    }
+    this.head = head
+    if (head === null) this.tail = null
+  }
+
+  private arm (ms: number): void {
+    // Left running when the queue empties: re-arming per request is the cost this class avoids.
+    this.timer = setTimeout(() => this.expire(), ms)
+    this.timer.unref()
+  }
+
+  private expire (): void {
+    this.timer = null
+    const now = performance.now()
+    for (let waiter = this.head; waiter !== null && waiter.deadline <= now; waiter = waiter.next) {
+      if (!waiter.answered) {
+        waiter.answered = true
+        this.expired(waiter)
+      }
+    }
+    this.dropAnswered()
+    if (this.head !== null) this.arm(Math.max(1, Math.ceil(this.head.deadline - now)))
+  }
+}
