@@ -83,7 +83,6 @@ export class ClientGate {
   readonly abortGraceMs: number
   closing = false
   leased = 0
-  private waiting = 0
   /** Clients held right now (by requests and `app.db` alike). */
   private held = 0
   // One record per connection, made at its first checkout; a request only writes its holder field.
@@ -105,10 +104,7 @@ export class ClientGate {
     this.abortGraceMs = options.abortGraceMs
     this.maxWaiting = options.maxWaiting
     this.max = pool.options?.max ?? options.max
-    this.queue = new WaitQueue(options.acquireTimeoutMs, (waiter) => {
-      this.waiting--
-      waiter.taken(this.acquireError(TIMED_OUT))
-    })
+    this.queue = new WaitQueue(options.acquireTimeoutMs, (waiter) => waiter.taken(this.acquireError(TIMED_OUT)))
   }
 
   /** Take a client for `holder`. Rejects with a typed 503 error: never waits past acquireTimeoutMs. */
@@ -131,11 +127,10 @@ export class ClientGate {
       this.connect(holder, taken, false)
       return
     }
-    if (this.waiting >= this.maxWaiting) {
-      taken(new FST_REQUEST_DB_OVERLOADED(this.waiting))
+    if (this.queue.size >= this.maxWaiting) {
+      taken(new FST_REQUEST_DB_OVERLOADED(this.queue.size))
       return
     }
-    this.waiting++
     this.connect(holder, taken, true)
   }
 
@@ -216,7 +211,6 @@ export class ClientGate {
           return
         }
         this.queue.answered(waiter)
-        this.waiting--
       }
       if ((err !== null && err !== undefined) || client === undefined) {
         taken(this.acquireError(err))

@@ -20,6 +20,8 @@ export class Waiter {
  * Every waiter gets the same wait, so deadlines come in arrival order and only the oldest matters.
  */
 export class WaitQueue {
+  /** Waiters not answered yet. */
+  size = 0
   private head: Waiter | null = null
   private tail: Waiter | null = null
   private timer: NodeJS.Timeout | null = null
@@ -36,13 +38,16 @@ export class WaitQueue {
     if (this.tail === null) this.head = waiter
     else this.tail.next = waiter
     this.tail = waiter
+    this.size++
     if (this.timer === null) this.arm(this.ms)
     return waiter
   }
 
   /** The waiter got its answer. pg-pool answers in order, so this is nearly always the oldest. */
   answered (waiter: Waiter): void {
+    if (waiter.answered) return
     waiter.answered = true
+    this.size--
     this.dropAnswered()
   }
 
@@ -71,6 +76,7 @@ export class WaitQueue {
     for (let waiter = this.head; waiter !== null && waiter.deadline <= now; waiter = waiter.next) {
       if (!waiter.answered) {
         waiter.answered = true
+        this.size--
         this.expired(waiter)
       }
     }

@@ -5,7 +5,7 @@ import { inspect } from 'node:util'
 import Fastify from 'fastify'
 import t from 'tap'
 import requestDb from '../lib/index.js'
-import { adminUrl, createDatabase } from './helpers/db.js'
+import { adminUrl, createDatabase, waitFor } from './helpers/db.js'
 
 const SECRET = 'Wr0ng-Pa55-d0-not-leak'
 
@@ -90,7 +90,6 @@ t.test('a server that accepts but never answers: ready() rejects within acquireT
   t.ok(elapsed < 3000, `rejected after ${elapsed} ms`)
   t.equal(sockets.length, 1, 'one connection was attempted')
   // Before app.close(): the client gives up on its own.
-  const deadline = Date.now() + 3000
-  while (closedByClient === 0 && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 20))
+  await waitFor(() => closedByClient > 0, 3000, 'the client to close its attempt')
   t.equal(closedByClient, 1, 'and closed by the client, not left open')
 })

@@ -8,7 +8,9 @@ const sleep = (ms: number): Promise<void> => new Promise((resolve) => setTimeout
 t.test('waiters leave unlinked, in order, and one answered early waits for those before it', async (t) => {
   const queue = new WaitQueue(60_000, () => t.fail('nothing expires here'))
   const [a, b, c] = [queue.add(never), queue.add(never), queue.add(never)]
+  t.equal(queue.size, 3, 'three waiting (maxWaiting counts these)')
   queue.answered(b)
+  t.equal(queue.size, 2)
   t.equal(a.next, b, 'b stays queued behind a')
   t.equal(b.next, c)
   queue.answered(a)
@@ -17,7 +19,9 @@ t.test('waiters leave unlinked, in order, and one answered early waits for those
   t.equal(a.next, null, 'a is unlinked as it leaves')
   t.equal(b.next, null, 'and so is b, answered earlier')
   queue.answered(c)
+  queue.answered(c)
   t.equal(c.next, null)
+  t.equal(queue.size, 0, 'each counted out once')
 })
 
 t.test('each waiter not answered by its deadline expires, oldest first; answered ones never do', async (t) => {
@@ -35,5 +39,6 @@ t.test('each waiter not answered by its deadline expires, oldest first; answered
   t.same(expired, ['a'], 'a expired at its deadline; c is not due yet')
   await sleep(40)
   t.same(expired, ['a', 'c'], 'then c, on the same timer re-armed; b was answered')
+  t.equal(queue.size, 0)
   t.ok(Date.now() - started < 1000)
 })
