@@ -7,9 +7,10 @@ import type { ClientGate } from './pool.js'
  * The request-side hooks. onRequest only allocates the handle: the pool is touched at first use,
  * so slow bodies and db-less routes hold no connection. onSend commits a route transaction and
  * gives the client back as soon as the payload is ready (Fastify runs it for aborted requests
- * too); the response's 'close' event (lease.ts) covers the rest and, after a short grace, cancels
- * statements of a client that went away. Neither onResponse (skipped on abort) nor onRequestAbort
- * (documented as not completely reliable) is relied on.
+ * too). The rest is the lease's (lease.ts): a client still in use after onSend (a stream) goes back
+ * when the response closes, and the gate's sweep finds requests whose client went away and, after
+ * a short grace, cancels their statements. Neither onResponse (skipped on abort) nor
+ * onRequestAbort (documented as not completely reliable) is relied on.
  */
 export function addRequestHooks (fastify: FastifyInstance, gate: ClientGate): void {
   fastify.addHook('onRequest', function setUpRequestDb (request, reply, done) {
@@ -31,14 +32,10 @@ export function addRequestHooks (fastify: FastifyInstance, gate: ClientGate): vo
   // their COMMIT (the @fastify/postgres trap).
   fastify.addHook('onSend', function commitAndRelease (request: FastifyRequest, reply: FastifyReply, payload: unknown, done: (err: Error | null, payload?: unknown) => void) {
     const lease = request.db as Lease | null
-    if (lease === null || !lease.holding) {
-      done(null, payload)
-      return
-    }
-    if (!lease.routeTxOpen) {
+    if (lease === null || !lease.routeTxOpen) {
       // Synchronous: an async onSend would let a second reply.send() slip through before the first
       // is written.
-      lease.releaseEarly(payload)
+      lease?.releaseEarly(payload)
       done(null, payload)
       return
     }
@@ -56,6 +53,8 @@ export function addRequestHooks (fastify: FastifyInstance, gate: ClientGate): vo
         const status = (err as { statusCode?: number }).statusCode ?? 500
         reply.raw.writeHead(status, { 'content-type': 'application/json; charset=utf-8' })
         reply.raw.end(JSON.stringify({ statusCode: status, code: (err as { code?: string }).code, error: 'Internal Server Error', message: err.message }))
+        // No onSend follows this answer: give the client back now.
+        lease.releaseEarly(null)
       } else {
         done(err)
       }

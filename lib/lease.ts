@@ -43,7 +43,9 @@ export class Lease extends Session implements RequestDb {
   private state = IDLE
   /** Callers waiting for the client being taken (concurrent first queries share it). */
   private waiters: Taken[] | null = null
-  /** The response's 'close' listener is on (from the first query). */
+  /** onSend has run: a client taken from now on is released when the response closes. */
+  private responding = false
+  /** The response's 'close' listener is on: only for a client still in use after onSend. */
   private listening = false
   private readonly request: FastifyRequest
   private readonly reply: FastifyReply
@@ -68,19 +70,29 @@ export class Lease extends Session implements RequestDb {
     return client
   }
 
-  /** The request holds (or is taking) a client: onSend has work to do. */
-  get holding (): boolean {
-    return this.state === ACTIVE || this.state === ACQUIRING
-  }
-
   /**
    * onSend: the handler is done and the payload is ready, so the client goes back to the pool
    * without waiting for the bytes to be written, and serves the next request sooner. A streamed
-   * payload may still read from the client (a cursor), as may user code that took the raw client:
-   * those keep it until the response closes.
+   * payload may still read from the client (a cursor), or take one first, as may user code that
+   * took the raw client, and a query the handler did not wait for may still be taking one: those
+   * keep it until the response closes.
    */
   releaseEarly (payload: unknown): void {
-    if (this.state === ACTIVE && !this.rawHandedOut && !isStream(payload)) this.end(false)
+    const state = this.state
+    if (state === IDLE) this.responding = true
+    else if (state === ACTIVE && !this.rawHandedOut && !isStream(payload)) this.end(false)
+    else if (state !== ENDED) this.watchResponse()
+  }
+
+  /**
+   * The gate's sweep, while this request holds a client: whoever asked may be gone. A client that
+   * hung up (or a connectionTimeout) mid-handler, or a hijacked reply that answered by itself,
+   * ends the lease here, as the response's 'close' event would. The sweep replaces a 'close'
+   * listener on every response, which cost ≈ 2 µs of CPU per request and raised p99 by ≈ 15 %
+   * under load in the benchmark.
+   */
+  override checkStillWanted (): void {
+    if (this.state === ACTIVE && responseEnded(this.request, this.reply)) this.end(!this.reply.raw.writableEnded)
   }
 
   /**
@@ -168,7 +180,7 @@ export class Lease extends Session implements RequestDb {
       then(null, client)
       return
     }
-    if (this.state === ENDED || responseEnded(this.reply)) {
+    if (this.state === ENDED || responseEnded(this.request, this.reply)) {
       // Opens no connection: after the response, background work belongs on app.db. A request
       // still running whose client the shutdown took back gets the shutdown's 503 instead.
       this.state = ENDED
@@ -177,13 +189,7 @@ export class Lease extends Session implements RequestDb {
     }
     this.state = ACQUIRING
     this.waiters = [then]
-    // 'close' is the one event every ending shares: after 'finish' for a sent response, alone when
-    // the client went away. Listening only once a client is wanted keeps db-less routes free.
-    if (!this.listening) {
-      this.listening = true
-      const res = this.reply.raw
-      res.on('close', () => this.end(!res.writableEnded))
-    }
+    if (this.responding) this.watchResponse()
     this.gate.take(this, (err, taken) => this.taken(err, taken))
   }
 
@@ -193,8 +199,9 @@ export class Lease extends Session implements RequestDb {
       this.answerWaiters(err)
       return
     }
-    if (this.state !== ACQUIRING) {
-      // The request ended while it waited for a client.
+    if (this.state !== ACQUIRING || responseEnded(this.request, this.reply)) {
+      // The request ended while it waited for a client, or its client went away meanwhile.
+      this.state = ENDED
       this.gate.release(this, client as PoolClient, false)
       this.answerWaiters(new FST_REQUEST_DB_RELEASED())
       return
@@ -209,7 +216,7 @@ export class Lease extends Session implements RequestDb {
       signal.addEventListener('abort', () => {
         // Fastify also aborts this signal when the request stream closes, which for a request with a
         // body is as soon as the body was read: only its timeout error means "the handler ran out
-        // of time". (A client that went away is the response 'close' listener's business.)
+        // of time". (A client that went away is the sweep's business: checkStillWanted.)
         if ((signal.reason as { code?: string } | undefined)?.code === 'FST_ERR_HANDLER_TIMEOUT') this.handlerTimedOut()
       }, { once: true })
     }
@@ -228,6 +235,17 @@ export class Lease extends Session implements RequestDb {
     const waiters = this.waiters as Taken[]
     this.waiters = null
     for (const then of waiters) then(err, client)
+  }
+
+  /**
+   * 'close' is the one event every ending shares: after 'finish' for a sent response, alone when
+   * the client went away.
+   */
+  private watchResponse (): void {
+    if (this.listening) return
+    this.listening = true
+    const res = this.reply.raw
+    res.on('close', () => this.end(!res.writableEnded))
   }
 
   private end (aborted: boolean): void {
@@ -297,7 +315,9 @@ function isStream (payload: unknown): boolean {
   return payload !== null && typeof payload === 'object' && typeof (payload as { pipe?: unknown }).pipe === 'function'
 }
 
-function responseEnded (reply: FastifyReply): boolean {
+/** The response was sent, or can't be: its connection is gone. */
+function responseEnded (request: FastifyRequest, reply: FastifyReply): boolean {
   const res = reply.raw
-  return res.writableEnded || res.destroyed || res.socket?.destroyed === true
+  // A pipelined request's response has no socket of its own until the ones before it are sent.
+  return res.writableEnded || res.destroyed || (res.socket ?? request.raw.socket)?.destroyed === true
 }

@@ -42,6 +42,8 @@ export interface ClientHolder {
   connectionFailed (err: Error): void
   /** Shutdown's last resort: cancel what runs and give the client back now. */
   forceRelease (): void
+  /** The sweep: give the client back if whoever it is held for has gone away. */
+  checkStillWanted (): void
 }
 
 /**
@@ -56,6 +58,12 @@ class ClientRecord {
 }
 
 const TIMED_OUT = new Error('acquire timed out')
+
+/**
+ * How often held clients are checked for requests whose client went away. One timer for all, not
+ * a listener per response: see Lease.checkStillWanted. A hang-up is noticed within this time.
+ */
+export const SWEEP_MS = 100
 
 /** How a checkout answers: an error (typed 503), or the client. */
 export type Taken = (err: Error | null, client?: PoolClient) => void
@@ -94,6 +102,7 @@ export class ClientGate {
   private readonly maxWaiting: number
   private readonly max: number
   private readonly queue: WaitQueue
+  private sweepTimer: NodeJS.Timeout | null = null
   private drained: (() => void) | null = null
 
   constructor (pool: PostgresPool, options: ResolvedOptions, log: FastifyBaseLogger, redact: (text: string) => string) {
@@ -179,6 +188,21 @@ export class ClientGate {
     record.holder = holder
     this.held++
     if (holder.countsAsLease) this.leased++
+    if (this.sweepTimer === null) this.armSweep()
+  }
+
+  private armSweep (): void {
+    // Re-armed from the sweep while anything is held, not per checkout.
+    this.sweepTimer = setTimeout(() => this.sweep(), SWEEP_MS)
+    this.sweepTimer.unref()
+  }
+
+  private sweep (): void {
+    this.sweepTimer = null
+    // A holder that ends here gives its client back, which may delete its record: a Set's
+    // iteration allows that.
+    for (const record of this.connections) record.holder?.checkStillWanted()
+    if (this.held > 0) this.armSweep()
   }
 
   /** A connection's first checkout: start its record, and listen for its errors while held. */

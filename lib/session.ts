@@ -72,6 +72,9 @@ export class Session implements ClientHolder, TransactionHost<Session>, DbSessio
       'fastify-request-db: a held database connection failed')
   }
 
+  /** `app.db` work is the app's own: nobody to go away. (A request's lease overrides this.) */
+  checkStillWanted (): void {}
+
   forceRelease (): void {
     this.shutdownCancel = true
     const client = this.current

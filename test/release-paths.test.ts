@@ -216,3 +216,34 @@ t.test('a streamed reply keeps its client until the stream is done, then gives i
   t.equal(res.body, '0\n1\n2\n', 'queries after onSend worked: the client was not given back early')
   await waitFor(() => app.db.stats().leased === 0, 2000, 'released when the response closed')
 })
+
+t.test('ended without onSend or before its query: a hijacked reply and a query not waited for each release once', async (t) => {
+  const db = await createDatabase(t)
+  const { pool, counts } = countingPool(db.url)
+  t.teardown(() => pool.end())
+  const app = Fastify({ logger: false })
+  t.teardown(() => app.close())
+  await app.register(requestDb, { pool, env: {} })
+  app.get('/hijacked', async (request, reply) => {
+    // Fastify runs no onSend for a hijacked reply: only the sweep of held clients sees it end.
+    reply.hijack()
+    const { rows } = await request.db.query('SELECT 1 AS one')
+    reply.raw.end(JSON.stringify(rows[0]))
+  })
+  let lateQuery: Promise<unknown> = Promise.resolve()
+  app.get('/not-awaited', async (request) => {
+    lateQuery = request.db.query('SELECT pg_sleep(0.1)').then(() => 'ran', (err: { code?: string }) => err.code)
+    return 'early'
+  })
+  await app.ready()
+  const base = { ...counts }
+
+  t.equal((await app.inject('/hijacked')).body, '{"one":1}')
+  await waitFor(() => app.db.stats().leased === 0, 2000, 'the hijacked request to give its client back')
+  t.equal((await app.inject('/not-awaited')).body, 'early')
+  t.match(await lateQuery, /^(ran|FST_REQUEST_DB_RELEASED)$/, 'the late query ran to its end or was refused, never cut off')
+  await waitFor(() => app.db.stats().leased === 0, 2000, 'the late query\'s client to go back')
+  t.equal(counts.released - base.released, counts.acquired - base.acquired, 'one release per checkout')
+  t.equal(counts.destroyed - base.destroyed, 0, 'both connections reused, not closed')
+  t.equal(counts.doubleReleases, 0, 'never released twice')
+})
