@@ -88,8 +88,8 @@ export class Lease extends Session implements RequestDb {
    * The gate's sweep, while this request holds a client: whoever asked may be gone. A client that
    * hung up (or a connectionTimeout) mid-handler, or a hijacked reply that answered by itself,
    * ends the lease here, as the response's 'close' event would. The sweep replaces a 'close'
-   * listener on every response, which cost ≈ 2 µs of CPU per request and raised p99 by ≈ 15 %
-   * under load in the benchmark.
+   * listener on every response, which cost ≈ 1 µs of CPU per request and 4 % of p99 under load
+   * (real PostgreSQL, 100 connections, ten interleaved repetitions).
    */
   override checkStillWanted (): void {
     if (this.state === ACTIVE && responseEnded(this.request, this.reply)) this.end(!this.reply.raw.writableEnded)

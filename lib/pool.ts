@@ -63,7 +63,7 @@ const TIMED_OUT = new Error('acquire timed out')
  * How often held clients are checked for requests whose client went away. One timer for all, not
  * a listener per response: see Lease.checkStillWanted. A hang-up is noticed within this time.
  */
-export const SWEEP_MS = 100
+const SWEEP_MS = 100
 
 /** How a checkout answers: an error (typed 503), or the client. */
 export type Taken = (err: Error | null, client?: PoolClient) => void
