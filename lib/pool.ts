@@ -201,7 +201,14 @@ export class ClientGate {
     this.sweepTimer = null
     // A holder that ends here gives its client back, which may delete its record: a Set's
     // iteration allows that.
-    for (const record of this.connections) record.holder?.checkStillWanted()
+    for (const record of this.connections) {
+      try {
+        record.holder?.checkStillWanted()
+      } catch (err) {
+        // Thrown from a timer, it would take the process down; one holder must not stop the rest.
+        this.log.error({ err }, 'fastify-request-db: checking a held client failed')
+      }
+    }
     if (this.held > 0) this.armSweep()
   }
 
