@@ -80,7 +80,9 @@ export class Lease extends Session implements RequestDb {
   releaseEarly (payload: unknown): void {
     const state = this.state
     if (state === IDLE) this.responding = true
-    else if (state === ACTIVE && !this.rawHandedOut && !isStream(payload)) this.end(false)
+    // Fastify runs onSend for a request whose client already went away, maybe before the sweep
+    // noticed: then a statement still running gets the abort's grace and cancel, not a wait.
+    else if (state === ACTIVE && !this.rawHandedOut && !isStream(payload)) this.end(connectionGone(this.request, this.reply))
     else if (state !== ENDED) this.watchResponse()
   }
 
@@ -199,8 +201,10 @@ export class Lease extends Session implements RequestDb {
       this.answerWaiters(err)
       return
     }
-    if (this.state !== ACQUIRING || responseEnded(this.request, this.reply)) {
-      // The request ended while it waited for a client, or its client went away meanwhile.
+    if (this.state !== ACQUIRING || connectionGone(this.request, this.reply)) {
+      // The request ended while it waited for a client, or its client went away meanwhile. (A
+      // response merely sent is not a reason: a query started before it runs, and the response's
+      // 'close' or the sweep gives the client back afterwards.)
       this.state = ENDED
       this.gate.release(this, client as PoolClient, false)
       this.answerWaiters(new FST_REQUEST_DB_RELEASED())
@@ -250,7 +254,7 @@ export class Lease extends Session implements RequestDb {
 
   private end (aborted: boolean): void {
     const state = this.state
-    // Also reached from 'close' after onSend released: then there is nothing left to do.
+    // Reached from onSend, the sweep, a stream's 'close' and shutdown: whichever comes first acts.
     this.state = ENDED
     if (state !== ACTIVE) return
     const client = this.current as PoolClient
@@ -317,7 +321,12 @@ function isStream (payload: unknown): boolean {
 
 /** The response was sent, or can't be: its connection is gone. */
 function responseEnded (request: FastifyRequest, reply: FastifyReply): boolean {
+  return reply.raw.writableEnded || connectionGone(request, reply)
+}
+
+/** The response can't be sent any more: the client went away, or the connection was cut. */
+function connectionGone (request: FastifyRequest, reply: FastifyReply): boolean {
   const res = reply.raw
   // A pipelined request's response has no socket of its own until the ones before it are sent.
-  return res.writableEnded || res.destroyed || (res.socket ?? request.raw.socket)?.destroyed === true
+  return res.destroyed || (res.socket ?? request.raw.socket)?.destroyed === true
 }

@@ -188,11 +188,14 @@ export class ClientGate {
     record.holder = holder
     this.held++
     if (holder.countsAsLease) this.leased++
-    if (this.sweepTimer === null) this.armSweep()
+    this.armSweep()
   }
 
   private armSweep (): void {
-    // Re-armed from the sweep while anything is held, not per checkout.
+    // One timer, re-armed from the sweep while anything is held, not per checkout. Checked here,
+    // not by the callers: a sweep that frees a client makes pg-pool hand it to a waiter at once,
+    // which comes back through track() before the sweep re-arms.
+    if (this.sweepTimer !== null) return
     this.sweepTimer = setTimeout(() => this.sweep(), SWEEP_MS)
     this.sweepTimer.unref()
   }

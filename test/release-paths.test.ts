@@ -220,10 +220,8 @@ t.test('a streamed reply keeps its client until the stream is done, then gives i
 t.test('ended without onSend or before its query: a hijacked reply and a query not waited for each release once', async (t) => {
   const db = await createDatabase(t)
   const { pool, counts } = countingPool(db.url)
-  t.teardown(() => pool.end())
-  const app = Fastify({ logger: false })
-  t.teardown(() => app.close())
-  await app.register(requestDb, { pool, env: {} })
+  db.closeFirst.push(() => pool.end())
+  const app = await buildApp(db, { pool, env: {} })
   app.get('/hijacked', async (request, reply) => {
     // Fastify runs no onSend for a hijacked reply: only the sweep of held clients sees it end.
     reply.hijack()
@@ -246,4 +244,18 @@ t.test('ended without onSend or before its query: a hijacked reply and a query n
   t.equal(counts.released - base.released, counts.acquired - base.acquired, 'one release per checkout')
   t.equal(counts.destroyed - base.destroyed, 0, 'both connections reused, not closed')
   t.equal(counts.doubleReleases, 0, 'never released twice')
+})
+
+t.test('a request that used the database leaves no listener on its response: hang-ups are found by the sweep', async (t) => {
+  const db = await createDatabase(t)
+  const app = await buildApp(db)
+  const listeners = new Map<string, number>()
+  app.addHook('onResponse', async (request, reply) => {
+    listeners.set(request.url, reply.raw.listenerCount('close'))
+  })
+  app.get('/no-db', async () => ({ one: 1 }))
+  app.get('/db', async (request) => (await request.db.query('SELECT 1 AS one')).rows[0])
+  const port = await app.listen({ port: 0, host: '127.0.0.1' }).then(() => (app.server.address() as { port: number }).port)
+  for (const path of ['/no-db', '/db']) t.equal((await fetch(`http://127.0.0.1:${port}${path}`)).status, 200)
+  t.equal(listeners.get('/db'), listeners.get('/no-db'), `'close' listeners: ${listeners.get('/db')} with a query, ${listeners.get('/no-db')} without`)
 })
