@@ -2,9 +2,9 @@
 // variant, alive together, the load switched between them every --slice seconds; per pair of
 // processes, the ratio of their responses. Both sides are the same code, so every departure from
 // 1 is the machine's noise. Options: --variant raw-pool, --slices 6, --slice 1, --pairs 4
-import { fork } from 'node:child_process'
 import { parseArgs } from 'node:util'
 import autocannon from 'autocannon'
+import { startApp, stopApp } from './app-process.js'
 
 const { values: args } = parseArgs({
   options: {
@@ -15,14 +15,6 @@ const { values: args } = parseArgs({
   }
 })
 if (!process.env.DATABASE_URL) throw new Error('DATABASE_URL is not set: run through `npm run bench:noise`')
-
-function startApp (name) {
-  return new Promise((resolve, reject) => {
-    const child = fork(new URL('./app.js', import.meta.url), [name], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] })
-    child.on('message', (msg) => { if (msg.type === 'ready') resolve({ child, port: msg.port }) })
-    child.once('exit', (code) => reject(new Error(`${name} exited (${code}) before it was ready`)))
-  })
-}
 
 async function served (app, seconds) {
   const result = await autocannon({ url: `http://127.0.0.1:${app.port}/q?n=7`, connections: 100, duration: seconds })
@@ -50,10 +42,8 @@ for (let pair = 0; pair < Number(args.pairs); pair++) {
   }
   ratios.push(totalB / totalA)
   console.log(`pair ${pair + 1}: ${(totalB / totalA).toFixed(3)} (slices: ${perSlice.join(' ')})`)
-  for (const app of [a, b]) {
-    app.child.send('close')
-    await new Promise((resolve) => app.child.once('exit', resolve))
-  }
+  await stopApp(a)
+  await stopApp(b)
 }
 const mean = ratios.reduce((s, x) => s + x, 0) / ratios.length
 const sd = Math.sqrt(ratios.reduce((s, x) => s + (x - mean) ** 2, 0) / Math.max(1, ratios.length - 1))

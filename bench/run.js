@@ -2,11 +2,11 @@
 // several rounds. Per run: a fresh app process, a warm-up, then a measured autocannon window.
 // Writes bench/results.md. Options: --rounds 3,6 (per connection count, or one number for all),
 // --duration S (4), --warmup S (2), --connections 10,100, --only a,b
-import { fork } from 'node:child_process'
 import { writeFileSync } from 'node:fs'
 import { cpus } from 'node:os'
 import { parseArgs } from 'node:util'
 import autocannon from 'autocannon'
+import { startApp, stopApp } from './app-process.js'
 import { variants } from './variants.js'
 
 const { values: args } = parseArgs({
@@ -30,18 +30,6 @@ const roundsAt = new Map(levels.map((c, i) => [c, roundCounts[Math.min(i, roundC
 const rounds = Math.max(...roundsAt.values())
 const names = args.only ? args.only.split(',') : Object.keys(variants)
 if (!process.env.DATABASE_URL) throw new Error('DATABASE_URL is not set: run through `npm run bench`')
-
-function startApp (name) {
-  return new Promise((resolve, reject) => {
-    const child = fork(new URL('./app.js', import.meta.url), [name], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] })
-    const waiters = []
-    child.on('message', (msg) => {
-      if (msg.type === 'ready') resolve({ child, port: msg.port, next: () => new Promise((r) => waiters.push(r)) })
-      else waiters.shift()?.(msg)
-    })
-    child.once('exit', (code) => reject(new Error(`${name} exited (${code}) before it was ready`)))
-  })
-}
 
 // autocannon's own percentiles are whole milliseconds (its histogram's unit): at p99 ≈ 10 ms a
 // step is 10 %, as large as the p99 budget line. Every 2xx response's time (fractional ms) is
@@ -97,8 +85,7 @@ for (let round = 1; round <= rounds; round++) {
       app.child.send('report')
       const report = await app.next()
       const answered = await answers(app.port)
-      app.child.send('close')
-      await new Promise((resolve) => app.child.once('exit', resolve))
+      await stopApp(app)
       const responses = r.requests.total
       const row = {
         rps: r.requests.average,

@@ -5,6 +5,7 @@ import t from 'tap'
 import requestDb from '../lib/index.js'
 import Fastify from 'fastify'
 import { appBackends, buildApp, countingPool, createDatabase, waitFor } from './helpers/db.js'
+import { get, listen } from './helpers/http.js'
 
 t.test('released exactly once: response, throw, onSend error, double send, failing stream', async (t) => {
   const db = await createDatabase(t)
@@ -255,7 +256,7 @@ t.test('a request that used the database leaves no listener on its response: han
   })
   app.get('/no-db', async () => ({ one: 1 }))
   app.get('/db', async (request) => (await request.db.query('SELECT 1 AS one')).rows[0])
-  const port = await app.listen({ port: 0, host: '127.0.0.1' }).then(() => (app.server.address() as { port: number }).port)
-  for (const path of ['/no-db', '/db']) t.equal((await fetch(`http://127.0.0.1:${port}${path}`)).status, 200)
+  const port = await listen(app)
+  for (const path of ['/no-db', '/db']) t.equal((await get(port, path)).status, 200)
   t.equal(listeners.get('/db'), listeners.get('/no-db'), `'close' listeners: ${listeners.get('/db')} with a query, ${listeners.get('/no-db')} without`)
 })
