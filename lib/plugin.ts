@@ -20,9 +20,6 @@ export async function requestDbPlugin (fastify: FastifyInstance, options: Reques
   await checkConnection(gate, resolved.target, redact)
 
   fastify.decorate('db', new AppDatabase(gate))
-  // null, then assigned in onRequest: Fastify 5 forbids reference-type defaults, and a null
-  // default keeps the request object's shape stable for V8.
-  fastify.decorateRequest('db', null as never)
   addRequestHooks(fastify, gate)
   // Added after @fastify/postgres registered: onClose hooks run last-added first, so this one
   // gives every client back before @fastify/postgres ends the pool.
