@@ -1,7 +1,7 @@
 // npm run bench:instructions: the budget pairs in instructions per request instead of req/s.
 // Each variant's app runs under valgrind (callgrind), which counts the instructions the app process
 // executes whatever else the machine is doing: on this shared 2-core machine a req/s ratio moves
-// ±3 % from run to run (npm run bench:noise), while a count repeats to about 0.3 %.
+// ±3 % from run to run (npm run bench:noise), while two processes of one app count within 1 %.
 // - node --single-threaded: V8's helper threads (garbage collection, compiler) would otherwise spin
 //   while valgrind runs one thread at a time, and their counts swing with it.
 // - One continuous load per app: a restarted load makes Node's http internals deoptimize, and the

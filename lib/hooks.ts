@@ -8,13 +8,13 @@ const kLease = Symbol('fastify-request-db.lease')
 type WithLease = FastifyRequest & { [kLease]?: Lease }
 
 /**
- * `request.db` and the request-side hooks. onRequest only allocates the handle: the pool is touched at first use,
- * so slow bodies and db-less routes hold no connection. onSend commits a route transaction and
- * gives the client back as soon as the payload is ready (Fastify runs it for aborted requests
- * too). The rest is the lease's (lease.ts): a client still in use after onSend (a stream) goes back
- * when the response closes, and the gate's sweep finds requests whose client went away and, after
- * a short grace, cancels their statements. Neither onResponse (skipped on abort) nor
- * onRequestAbort (documented as not completely reliable) is relied on.
+ * `request.db` and the request-side hooks. onRequest only allocates the handle: the pool is
+ * touched at first use, so slow bodies and db-less routes hold no connection. onSend commits a
+ * route transaction and gives the client back as soon as the payload is ready (Fastify runs it for
+ * aborted requests too). The rest is the lease's (lease.ts): a client still in use after onSend (a
+ * stream) goes back when the response closes, and the gate's sweep finds requests whose client went
+ * away and, after a short grace, cancels their statements. Neither onResponse (skipped on abort)
+ * nor onRequestAbort (documented as not completely reliable) is relied on.
  */
 export function addRequestHooks (fastify: FastifyInstance, gate: ClientGate): void {
   // A getter on the request prototype, not a decorator value: Fastify copies decorator values onto

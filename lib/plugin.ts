@@ -20,6 +20,7 @@ export async function requestDbPlugin (fastify: FastifyInstance, options: Reques
   await checkConnection(gate, resolved.target, redact)
 
   fastify.decorate('db', new AppDatabase(gate))
+  // request.db, and the hooks that hand it out and give its client back.
   addRequestHooks(fastify, gate)
   // Added after @fastify/postgres registered: onClose hooks run last-added first, so this one
   // gives every client back before @fastify/postgres ends the pool.
