@@ -8,7 +8,7 @@ import { fork } from 'node:child_process'
  */
 export function startApp (name, wrapper = null) {
   return new Promise((resolve, reject) => {
-    const under = wrapper === null ? {} : { execPath: wrapper[0], execArgv: [...wrapper.slice(1)] }
+    const under = wrapper === null ? {} : { execPath: wrapper[0], execArgv: wrapper.slice(1) }
     const child = fork(new URL('./app.js', import.meta.url), [name], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'], ...under })
     const waiters = []
     child.on('message', (msg) => {

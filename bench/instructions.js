@@ -88,19 +88,24 @@ async function measure (name) {
   const pid = String(app.child.pid)
   const dump = () => execFileSync('callgrind_control', ['-d', pid], { stdio: 'ignore' })
   let seen = 0
-  // A dump stops this process, and so the load, while it runs: the count between the two dumps
-  // is exact to within the requests in flight (at most one per connection).
-  await new Promise((resolve, reject) => {
-    const run = autocannon({ url: `http://127.0.0.1:${app.port}/q?n=7`, connections, amount: warmup + requests + 2 * connections, timeout: 60 },
-      (err, result) => err ? reject(err) : resolve(result))
-    run.on('response', (client, statusCode) => {
-      if (statusCode !== 200) reject(new Error(`${name} answered ${statusCode}`))
-      seen++
-      if (seen === warmup || seen === warmup + requests) dump()
+  try {
+    // A dump stops this process, and so the load, while it runs: the count between the two dumps
+    // is exact to within the requests in flight (at most one per connection).
+    await new Promise((resolve, reject) => {
+      const run = autocannon({ url: `http://127.0.0.1:${app.port}/q?n=7`, connections, amount: warmup + requests + 2 * connections, timeout: 60 },
+        (err, result) => err ? reject(err) : resolve(result))
+      run.on('response', (client, statusCode) => {
+        if (statusCode !== 200) reject(new Error(`${name} answered ${statusCode}`))
+        seen++
+        if (seen === warmup || seen === warmup + requests) dump()
+      })
     })
-  })
-  app.child.kill('SIGKILL')
-  await new Promise((resolve) => app.child.once('exit', resolve))
+  } finally {
+    // The dumps are written: nothing to wait for.
+    const exited = new Promise((resolve) => app.child.once('exit', resolve))
+    app.child.kill('SIGKILL')
+    await exited
+  }
   const counts = countWindow(pid)
   return { all: counts.all / requests, withoutCompiler: counts.withoutCompiler / requests }
 }
