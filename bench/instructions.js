@@ -6,8 +6,11 @@
 //   while valgrind runs one thread at a time, and their counts swing with it.
 // - One continuous load per app: a restarted load makes Node's http internals deoptimize, and the
 //   recompiling would land in the window. The window is `--requests` responses after `--warmup`.
-// - V8's optimizing compiler is left out of the count: it is warm-up work (done on a helper thread
-//   in a real run), and whether a recompile lands in the window is chance.
+// - V8's optimizing compiler is left out of the count (most of it: see COMPILER): it is warm-up
+//   work (done on a helper thread in a real run), and whether a recompile lands in the window is
+//   chance.
+// - Counts repeat within an app; between two apps they also carry effects outside either's code
+//   (V8's shared lookup caches, how the process was started): ±2 % was seen.
 // Writes bench/instructions.md. Options: --only a,b, --connections 10, --warmup 20000,
 // --requests 5000, --reps 2
 import { execFileSync } from 'node:child_process'
@@ -42,27 +45,27 @@ const warmup = Number(args.warmup)
 const requests = Number(args.requests)
 const dir = mkdtempSync(join(tmpdir(), 'request-db-callgrind-'))
 
-// V8's optimizing compiler, by function name in callgrind's output.
-const COMPILER = /v8::internal::(?:compiler|maglev|turboshaft)::/
+// V8's optimizing compiler, by function name in callgrind's output: its passes, its zone allocator
+// and the code around a compile job. (What it calls in libc, malloc and memcpy, stays counted.)
+const COMPILER = /v8::internal::(?:compiler|maglev|turboshaft)::|v8::internal::(?:Zone|AccountingAllocator|OptimizedCompilationInfo|OptimizedCompilationJob|TurbofanCompilationJob)\b/
 
-/**
- * Instructions in the window (the second dump), all and without the optimizing compiler. Callgrind
- * names each function once per process and refers to it by number afterwards, so the names are
- * read from both dumps.
- */
+/** Instructions in the window (the second dump), all and without the optimizing compiler. */
 function countWindow (pid) {
-  const files = readdirSync(dir).filter((f) => f.startsWith(`cg.${pid}.`)).sort()
-  const window = files.find((f) => f.endsWith('.2'))
-  if (window === undefined) throw new Error(`no callgrind dump for the window of process ${pid}`)
-  const names = new Map()
-  for (const f of files) {
-    for (const m of readFileSync(join(dir, f), 'utf8').matchAll(/^c?fn=\((\d+)\) (.*)$/gm)) names.set(m[1], m[2])
+  const file = join(dir, `cg.${pid}.2`)
+  let text
+  try {
+    text = readFileSync(file, 'utf8')
+  } catch {
+    throw new Error(`no callgrind dump for the window of process ${pid}`)
   }
+  // Callgrind names a function once per dump file, then refers to it by number.
+  const names = new Map()
+  for (const m of text.matchAll(/^c?fn=\((\d+)\) (.*)$/gm)) names.set(m[1], m[2])
   let all = 0
   let compiler = 0
   let inCompiler = false
   let afterCalls = false
-  for (const line of readFileSync(join(dir, window), 'utf8').split('\n')) {
+  for (const line of text.split('\n')) {
     const fn = /^fn=\((\d+)\)/.exec(line)
     if (fn !== null) {
       inCompiler = COMPILER.test(names.get(fn[1]) ?? '')
@@ -89,15 +92,25 @@ async function measure (name) {
   const dump = () => execFileSync('callgrind_control', ['-d', pid], { stdio: 'ignore' })
   let seen = 0
   try {
-    // A dump stops this process, and so the load, while it runs: the count between the two dumps
-    // is exact to within the requests in flight (at most one per connection).
+    // A dump blocks this process, and so autocannon: no request is sent while it runs, and the
+    // count between the two dumps is off by at most the requests in flight (one per connection).
     await new Promise((resolve, reject) => {
       const run = autocannon({ url: `http://127.0.0.1:${app.port}/q?n=7`, connections, amount: warmup + requests + 2 * connections, timeout: 60 },
-        (err, result) => err ? reject(err) : resolve(result))
-      run.on('response', (client, statusCode) => {
-        if (statusCode !== 200) reject(new Error(`${name} answered ${statusCode}`))
+        (err, result) => {
+          if (err) reject(err)
+          // A request that failed still ran in the window: its instructions would count for nothing.
+          else if (result.errors + result.timeouts + result.non2xx > 0) reject(new Error(`${name}: ${result.errors} errors, ${result.timeouts} timeouts, ${result.non2xx} non-2xx answers`))
+          else resolve(result)
+        })
+      run.on('response', () => {
         seen++
-        if (seen === warmup || seen === warmup + requests) dump()
+        if (seen !== warmup && seen !== warmup + requests) return
+        try {
+          dump()
+        } catch (err) {
+          run.stop()
+          reject(err)
+        }
       })
     })
   } finally {
@@ -107,6 +120,7 @@ async function measure (name) {
     await exited
   }
   const counts = countWindow(pid)
+  for (const f of readdirSync(dir)) if (f.startsWith(`cg.${pid}`)) rmSync(join(dir, f))
   return { all: counts.all / requests, withoutCompiler: counts.withoutCompiler / requests }
 }
 
@@ -121,7 +135,9 @@ try {
     for (const name of names) {
       const r = await measure(name)
       ;(results[name] ??= []).push(r)
-      process.stderr.write(`rep ${rep} ${name.padEnd(26)} ${(r.withoutCompiler / 1000).toFixed(2)} k instructions/request (${(r.all / 1000).toFixed(2)} k with the compiler)\n`)
+      // Much compiling in the window means the app was still warming up.
+      const warming = r.all > 1.05 * r.withoutCompiler ? ' — still compiling: raise --warmup' : ''
+      process.stderr.write(`rep ${rep} ${name.padEnd(26)} ${(r.withoutCompiler / 1000).toFixed(2)} k instructions/request (${(r.all / 1000).toFixed(2)} k with the compiler)${warming}\n`)
     }
   }
 } finally {

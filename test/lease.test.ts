@@ -1,6 +1,8 @@
 // request.db: one lazily taken client per request, shared by the request's queries.
 import t from 'tap'
-import { appBackends, buildApp, createDatabase, waitFor } from './helpers/db.js'
+import Fastify from 'fastify'
+import requestDb from '../lib/index.js'
+import { appBackends, buildApp, countingPool, createDatabase, waitFor } from './helpers/db.js'
 
 t.test('a route that never uses request.db takes no client; the first query takes one', async (t) => {
   const db = await createDatabase(t)
@@ -185,4 +187,41 @@ t.test('statementTimeoutMs (DB_STATEMENT_TIMEOUT_MS) is the server-side statemen
   t.match(res.json().message, /statement timeout/)
   t.ok(Date.now() - started < 1500, 'stopped by the server, not after the full sleep')
   await waitFor(() => app.db.stats().leased === 0, 2000, 'release')
+})
+
+t.test('an onRequest hook that fails before the plugin\'s: request.db is null, the error answers, nothing is taken', async (t) => {
+  const db = await createDatabase(t)
+  const app = Fastify({ logger: false })
+  db.closeFirst.push(() => app.close())
+  let seen: unknown = 'not called'
+  app.addHook('onRequest', async () => { throw Object.assign(new Error('refused early'), { statusCode: 403 }) })
+  app.addHook('onError', async (request) => { seen = request.db })
+  await app.register(requestDb, { env: { DATABASE_URL: db.url } })
+  app.get('/', async (request) => (await request.db.query('SELECT 1 AS one')).rows[0])
+  await app.ready()
+  const before = app.db.stats()
+  const res = await app.inject('/')
+  t.equal(res.statusCode, 403, 'the failing hook\'s error is the answer')
+  t.equal(seen, null, 'request.db is null where the plugin\'s onRequest did not run')
+  t.same(app.db.stats(), before, 'no client taken')
+})
+
+t.test('request.db can be replaced (a test double); the plugin still gives its own client back', async (t) => {
+  const db = await createDatabase(t)
+  const { pool, counts } = countingPool(db.url)
+  db.closeFirst.push(() => pool.end())
+  const app = await buildApp(db, { pool, env: {} })
+  app.get('/', async (request) => {
+    const real = await request.db.query<{ n: number }>('SELECT 1 AS n')
+    request.db = { query: async () => ({ rows: [{ n: 2 }] }) } as never
+    const fake = await request.db.query<{ n: number }>('SELECT 1 AS n')
+    return { real: real.rows[0].n, fake: fake.rows[0].n }
+  })
+  await app.ready()
+  const acquiredBefore = counts.acquired
+  t.same((await app.inject('/')).json(), { real: 1, fake: 2 }, 'code reads the assigned value after the assignment')
+  await waitFor(() => counts.released === counts.acquired, 2000, 'release')
+  t.equal(counts.acquired - acquiredBefore, 1, 'one client taken')
+  t.equal(counts.released, counts.acquired, 'and given back')
+  t.equal(counts.doubleReleases, 0)
 })
