@@ -20,6 +20,7 @@ import { join } from 'node:path'
 import { parseArgs } from 'node:util'
 import autocannon from 'autocannon'
 import { startApp } from './app-process.js'
+import { median } from './median.js'
 import { variants } from './variants.js'
 
 const PAIRS = ['fastify-two-hooks', 'no-db', 'request-db-noop', 'raw-pool', 'request-db', 'fastify-postgres',
@@ -124,10 +125,6 @@ async function measure (name) {
   return { all: counts.all / requests, withoutCompiler: counts.withoutCompiler / requests }
 }
 
-const median = (xs) => {
-  const s = [...xs].sort((a, b) => a - b)
-  return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2
-}
 const results = {}
 const started = Date.now()
 try {

@@ -7,6 +7,7 @@ import { cpus } from 'node:os'
 import { parseArgs } from 'node:util'
 import autocannon from 'autocannon'
 import { startApp, stopApp } from './app-process.js'
+import { median } from './median.js'
 import { variants } from './variants.js'
 
 const { values: args } = parseArgs({
@@ -58,11 +59,6 @@ async function answers (port) {
     } catch {}
   }
   return false
-}
-
-const median = (xs) => {
-  const s = [...xs].sort((a, b) => a - b)
-  return s.length === 0 ? NaN : s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2
 }
 
 // results[connections][variant] = [{ rps, p50, p99, cpuPerReq, peakRss, answered, errors }]
