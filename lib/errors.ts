@@ -43,6 +43,19 @@ export const FST_REQUEST_DB_UNAVAILABLE = createError<'FST_REQUEST_DB_UNAVAILABL
   503
 )
 
+/**
+ * The connection this request (or `app.db` call) held broke. A statement in flight when it broke may
+ * or may not have run, and is never sent again. When the request had set nothing that lives on the
+ * connection, its next statement quietly takes a new one; otherwise (an open transaction, SET,
+ * temp tables, locks, the raw client, …) every later use fails with this, since going on over a new
+ * connection would run without that state. 503.
+ */
+export const FST_REQUEST_DB_CONNECTION_LOST = createError<'FST_REQUEST_DB_CONNECTION_LOST', 503, [reason: string, options?: Cause]>(
+  'FST_REQUEST_DB_CONNECTION_LOST',
+  'The database connection of this request was lost: %s',
+  503
+)
+
 /** `app.close()` has begun; no new connection is handed out. 503. */
 export const FST_REQUEST_DB_CLOSING = createError<'FST_REQUEST_DB_CLOSING', 503, [options?: Cause]>(
   'FST_REQUEST_DB_CLOSING',
@@ -69,5 +82,6 @@ export const RETRYABLE_CODES: ReadonlySet<string> = new Set([
   'FST_REQUEST_DB_ACQUIRE_TIMEOUT',
   'FST_REQUEST_DB_OVERLOADED',
   'FST_REQUEST_DB_UNAVAILABLE',
+  'FST_REQUEST_DB_CONNECTION_LOST',
   'FST_REQUEST_DB_CLOSING'
 ])

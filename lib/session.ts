@@ -1,7 +1,8 @@
+import type { FastifyBaseLogger } from 'fastify'
 import type { PoolClient, QueryConfig, QueryResult, QueryResultRow } from 'pg'
 import { requestCancel } from './cancel.js'
-import { FST_REQUEST_DB_CLOSING, FST_REQUEST_DB_COMMIT_FAILED } from './errors.js'
-import { type ClientGate, type ClientHolder, isConnectionError, unavailable } from './pool.js'
+import { FST_REQUEST_DB_CLOSING, FST_REQUEST_DB_COMMIT_FAILED, FST_REQUEST_DB_CONNECTION_LOST } from './errors.js'
+import { type ClientGate, type ClientHolder, isConnectionError } from './pool.js'
 import { changesSessionState } from './session-state.js'
 import { runTransaction, type TransactionHost } from './transaction.js'
 
@@ -29,8 +30,13 @@ export class Session implements ClientHolder, TransactionHost<Session>, DbSessio
   protected readonly gate: ClientGate
   txDepth = 0
   protected pending = 0
+  /** A statement changed the session (SET, temp table, lock…): the connection is closed, not reused. */
   protected dirty = false
+  /** A named prepared statement ran: pg re-prepares on a new connection, but the rule stays simple. */
+  protected namedStatements = false
+  /** The connection must not be used again (it failed, or was sent a cancel): why, for the error. */
   protected broken = false
+  private brokenBecause = ''
   /** The raw client was handed to user code (request.db.client()). */
   protected rawHandedOut = false
   /** Shutdown cancelled this session's statements: their errors become FST_REQUEST_DB_CLOSING. */
@@ -62,14 +68,44 @@ export class Session implements ClientHolder, TransactionHost<Session>, DbSessio
   }
 
   rollbackFailed (rollbackError: unknown, cause: unknown): void {
-    this.broken = true
-    this.gate.log.error({ err: rollbackError, cause }, 'fastify-request-db: ROLLBACK failed; the connection will be closed')
+    this.markBroken('ROLLBACK failed, so the state of its transaction is unknown')
+    this.logger.error({ err: rollbackError, cause }, 'fastify-request-db: ROLLBACK failed; the connection will be closed')
   }
 
   connectionFailed (err: Error): void {
+    // pg reports one failure twice (the server's FATAL message, then the socket's end): log it once.
+    if (this.broken) return
+    this.markBroken(this.wouldLose() ?? 'it failed while a statement ran')
+    this.logger.warn({ err: this.loggable(err) }, 'fastify-request-db: a held database connection failed')
+  }
+
+  /** Where this session's log lines go: the app's logger (a request's lease uses the request's). */
+  protected get logger (): FastifyBaseLogger {
+    return this.gate.log
+  }
+
+  /** An error as it may be logged: its message redacted, no stack or driver internals. */
+  protected loggable (err: Error): { type: string, message: string, code?: string } {
+    return { type: err.name, message: this.gate.redact(err.message), code: (err as { code?: string }).code }
+  }
+
+  /**
+   * What going on over a new connection would silently lose, or null when nothing would: nothing
+   * set in this session lives on the connection. (What a request set before its connection broke
+   * is gone with it: a new connection would run the next statement with the default search_path,
+   * the login role, no lock, no temp table — another tenant's rows, or a lock it no longer holds.)
+   */
+  protected wouldLose (): string | null {
+    if (this.txDepth > 0) return 'a transaction was open, and its work is gone'
+    if (this.rawHandedOut) return 'request.db.client() was in use, so what it changed is unknown'
+    if (this.dirty) return 'the session had been changed (SET, set_config, a role, a lock, a temporary table, LISTEN, PREPARE or a cursor), and a new connection would run without it'
+    if (this.namedStatements) return 'it had named prepared statements'
+    return null
+  }
+
+  protected markBroken (because: string): void {
+    if (!this.broken) this.brokenBecause = because
     this.broken = true
-    this.gate.log.warn({ err: { type: err.name, message: this.gate.redact(err.message), code: (err as { code?: string }).code } },
-      'fastify-request-db: a held database connection failed')
   }
 
   /** `app.db` work is the app's own: nobody to go away. (A request's lease overrides this.) */
@@ -78,7 +114,7 @@ export class Session implements ClientHolder, TransactionHost<Session>, DbSessio
   forceRelease (): void {
     this.shutdownCancel = true
     const client = this.current
-    this.broken = true
+    this.markBroken('the server is shutting down')
     if (client !== null && this.isBusy()) this.cancel(client)
   }
 
@@ -87,7 +123,7 @@ export class Session implements ClientHolder, TransactionHost<Session>, DbSessio
     // A cancel is a signal to the backend, delivered whenever it arrives: if the statement ended
     // first, it would hit whatever that connection runs next, another request's statement. So a
     // connection that was sent one is closed, never reused.
-    this.broken = true
+    this.markBroken('its statement was cancelled')
     void requestCancel(client as never)
   }
 
@@ -121,10 +157,16 @@ export class Session implements ClientHolder, TransactionHost<Session>, DbSessio
    */
   protected dispatch (client: PoolClient, text: string | QueryConfig, values: unknown[] | undefined, resolve: (result: any) => void, reject: (err: Error) => void): void {
     if (this.broken) {
-      reject(unavailable(new Error('the connection failed earlier in this request'), this.gate.redact))
+      // Never over a new connection: what this session had set would be missing there (wouldLose).
+      reject(this.brokenError())
       return
     }
-    if (!this.dirty && changesSessionState(typeof text === 'string' ? text : text.text)) this.dirty = true
+    if (typeof text === 'string') {
+      if (!this.dirty && changesSessionState(text)) this.dirty = true
+    } else {
+      if (!this.dirty && changesSessionState(text.text)) this.dirty = true
+      if (text.name !== undefined) this.namedStatements = true
+    }
     this.pending++
     // pg's callback form: its promise form adds two promises and a closure per statement, which
     // the benchmark's allocation count showed on every request.
@@ -152,10 +194,17 @@ export class Session implements ClientHolder, TransactionHost<Session>, DbSessio
   private statementError (err: Error): Error {
     if (this.shutdownCancel) return new FST_REQUEST_DB_CLOSING({ cause: err })
     if (isConnectionError(err)) {
-      this.broken = true
-      return unavailable(err, this.gate.redact)
+      // The statement may have run before the connection broke: it is never sent again.
+      this.markBroken(`it failed while a statement ran (${this.gate.redact(err.message)})`)
+      return new FST_REQUEST_DB_CONNECTION_LOST(this.gate.redact(err.message), { cause: err })
     }
     return err
+  }
+
+  /** What a statement gets once the connection can't be used. */
+  protected brokenError (): Error {
+    if (this.shutdownCancel) return new FST_REQUEST_DB_CLOSING()
+    return new FST_REQUEST_DB_CONNECTION_LOST(this.brokenBecause)
   }
 
   /** Might a statement be running? Statements a user runs on the raw client are not counted. */
@@ -210,7 +259,7 @@ export class Session implements ClientHolder, TransactionHost<Session>, DbSessio
     try {
       this.gate.release(this, client, destroy, poolRelease)
     } catch (err) {
-      this.gate.log.error({ err }, 'fastify-request-db: giving a client back failed')
+      this.logger.error({ err }, 'fastify-request-db: giving a client back failed')
     }
   }
 

@@ -7,6 +7,7 @@ const expected: Array<[keyof typeof errors, number, unknown[], RegExp]> = [
   ['FST_REQUEST_DB_ACQUIRE_TIMEOUT', 503, [250], /within 250ms/],
   ['FST_REQUEST_DB_OVERLOADED', 503, [12], /waiting .*\(12\)/],
   ['FST_REQUEST_DB_UNAVAILABLE', 503, ['connection refused'], /unavailable: connection refused$/],
+  ['FST_REQUEST_DB_CONNECTION_LOST', 503, ['the session had changed (SET)'], /^The database connection of this request was lost: the session had changed \(SET\)$/],
   ['FST_REQUEST_DB_CLOSING', 503, [], /shutting down/],
   ['FST_REQUEST_DB_RELEASED', 500, [], /after the request ended/],
   ['FST_REQUEST_DB_COMMIT_FAILED', 500, ['deferred constraint'], /could not be committed: deferred constraint$/]

@@ -61,7 +61,7 @@ t.test('maxWaiting: a full wait queue answers 503 at once instead of queueing', 
   await waitFor(() => app.db.stats().leased === 0, 2000, 'release')
 })
 
-t.test('database unreachable during a request: 503 FST_REQUEST_DB_UNAVAILABLE; back without restarting the app', async (t) => {
+t.test('database unreachable during a request: 503 FST_REQUEST_DB_UNAVAILABLE (or CONNECTION_LOST for a connection cut under it); back without restarting the app', async (t) => {
   const db = await createDatabase(t)
   const target = new URL(adminUrl)
   const proxy = await startProxy({ host: target.hostname, port: Number(target.port || 5432) })
@@ -76,9 +76,13 @@ t.test('database unreachable during a request: 503 FST_REQUEST_DB_UNAVAILABLE; b
   await proxy.cut()
   const down = await app.inject('/now')
   t.equal(down.statusCode, 503)
-  t.equal(down.json().code, 'FST_REQUEST_DB_UNAVAILABLE')
+  // The pool may hand out its idle client before it has seen the cut: then it is the held
+  // connection that was lost. Either way a 503 the client may retry.
+  t.match(down.json().code, /^FST_REQUEST_DB_(UNAVAILABLE|CONNECTION_LOST)$/, down.body)
   t.equal(down.headers['retry-after'], '1')
-  t.equal((await app.inject('/now')).statusCode, 503, 'still down')
+  const still = await app.inject('/now')
+  t.equal(still.statusCode, 503, 'still down')
+  t.equal(still.json().code, 'FST_REQUEST_DB_UNAVAILABLE', 'no connection to be had: unavailable')
 
   await proxy.restore()
   const back = await waitFor(async () => (await app.inject('/now')).statusCode === 200, 5000, 'recovery')

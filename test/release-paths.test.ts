@@ -163,7 +163,7 @@ t.test('a connection that broke is destroyed, not returned; the next request get
   app.get('/pid', async (request) => (await request.db.query('SELECT pg_backend_pid() AS pid')).rows[0].pid)
   const res = await app.inject('/suicide')
   t.equal(res.statusCode, 503)
-  t.equal(res.json().code, 'FST_REQUEST_DB_UNAVAILABLE')
+  t.equal(res.json().code, 'FST_REQUEST_DB_CONNECTION_LOST')
   t.equal(res.headers['retry-after'], '1')
   await waitFor(() => app.db.stats().leased === 0, 2000, 'release')
   for (let i = 0; i < 4; i++) t.equal((await app.inject('/pid')).statusCode, 200, `request ${i} after the break works`)
