@@ -1,5 +1,6 @@
 import type { QueryConfig, QueryResult, QueryResultRow } from 'pg'
-import type { ClientGate, DbStats, PostgresPool } from './pool.js'
+import type { ClientGate, DbStats } from './pool.js'
+import type { PostgresPool } from './postgres-pool.js'
 import { type DbSession, Session } from './session.js'
 
 /** `app.db`: the app's pool, for work outside a request (startup, background jobs). */

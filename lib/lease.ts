@@ -1,7 +1,9 @@
 import type { FastifyBaseLogger, FastifyReply, FastifyRequest } from 'fastify'
 import type { PoolClient, QueryConfig, QueryResult } from 'pg'
 import { FST_REQUEST_DB_CLOSING, FST_REQUEST_DB_COMMIT_FAILED, FST_REQUEST_DB_RELEASED } from './errors.js'
-import { type ClientGate, promised, type Taken } from './pool.js'
+import { promised, type Taken } from './checkout.js'
+import type { ClientGate } from './pool.js'
+import { connectionGone, isStream, responseEnded } from './response-state.js'
 import { CANCEL_GRACE_MS, type DbSession, notCommitted, Session } from './session.js'
 
 /** `request.db`: the request's own connection, taken from the pool at first use. */
@@ -322,20 +324,4 @@ export class Lease extends Session implements RequestDb {
     // Its statements were not ours to see, so its session state is unknown: close it.
     void this.giveBack(client, true, poolRelease)
   }
-}
-
-function isStream (payload: unknown): boolean {
-  return payload !== null && typeof payload === 'object' && typeof (payload as { pipe?: unknown }).pipe === 'function'
-}
-
-/** The response was sent, or can't be: its connection is gone. */
-function responseEnded (request: FastifyRequest, reply: FastifyReply): boolean {
-  return reply.raw.writableEnded || connectionGone(request, reply)
-}
-
-/** The response can't be sent any more: the client went away, or the connection was cut. */
-function connectionGone (request: FastifyRequest, reply: FastifyReply): boolean {
-  const res = reply.raw
-  // A pipelined request's response has no socket of its own until the ones before it are sent.
-  return res.destroyed || (res.socket ?? request.raw.socket)?.destroyed === true
 }

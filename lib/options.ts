@@ -1,4 +1,4 @@
-import type { PostgresPool } from './pool.js'
+import type { PostgresPool } from './postgres-pool.js'
 import { FST_REQUEST_DB_INVALID_OPTION } from './errors.js'
 import { redactUrl } from './redact.js'
 

@@ -1,4 +1,4 @@
-import type { Taken } from './pool.js'
+import type { Taken } from './checkout.js'
 
 /** A checkout waiting for a client; the queue keeps them in arrival order, as pg-pool serves them. */
 export class Waiter {

@@ -166,7 +166,7 @@ t.test('a statement in flight when the connection broke is never sent again', as
   for (const [path, marker] of [['/counted', 'nextval'], ['/insert', 'INSERT']] as const) {
     const answer = app.inject(path)
     const backend = await waitFor(async () => (await appBackends(db)).find((b) => b.state === 'active' && b.query.includes(marker)), 5000, `${path} to run`)
-    await db.admin.query('SELECT pg_terminate_backend($1)', [backend.pid])
+    await db.admin.query('SELECT pg_terminate_backend($1)', [(backend as { pid: number }).pid])
     const res = await answer
     t.equal(res.statusCode, 503, `${path}: ${res.body}`)
     t.equal(res.json().code, 'FST_REQUEST_DB_CONNECTION_LOST')
