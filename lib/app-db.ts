@@ -2,6 +2,7 @@ import type { QueryConfig, QueryResult, QueryResultRow } from 'pg'
 import type { ClientGate, DbStats } from './pool.js'
 import type { PostgresPool } from './postgres-pool.js'
 import { type DbSession, Session } from './session.js'
+import { isSubmittable } from './streams.js'
 
 /** `app.db`: the app's pool, for work outside a request (startup, background jobs). */
 export interface AppDb {
@@ -31,6 +32,10 @@ export class AppDatabase implements AppDb {
   // Through the gate rather than pool.query: the same acquire timeout, typed errors and
   // session-state rule as requests get.
   query<R extends QueryResultRow = any, V extends unknown[] = unknown[]> (text: string | QueryConfig<V>, values?: V): Promise<QueryResult<R>> {
+    if (isSubmittable(text)) {
+      // The client would go back as soon as this returned, under the running stream.
+      return Promise.reject(new TypeError('app.db.query() takes no stream: run it as tx.query(stream) inside app.db.transaction() and wait for its end there'))
+    }
     return this.withSession((session) => session.query<R, V>(text, values))
   }
 

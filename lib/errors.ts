@@ -77,6 +77,17 @@ export const FST_REQUEST_DB_COMMIT_FAILED = createError<'FST_REQUEST_DB_COMMIT_F
   500
 )
 
+/**
+ * A BEGIN, COMMIT or ROLLBACK sent as a statement (by a query builder's `transaction()`, or by hand)
+ * that would end a transaction it did not open (the route's, or `transaction()`'s), or a nested
+ * BEGIN with options a savepoint can't take. A bare nested BEGIN becomes a savepoint instead. 500.
+ */
+export const FST_REQUEST_DB_TRANSACTION_STATEMENT = createError<'FST_REQUEST_DB_TRANSACTION_STATEMENT', 500, [reason: string]>(
+  'FST_REQUEST_DB_TRANSACTION_STATEMENT',
+  'Transaction statement refused: %s',
+  500
+)
+
 /** Codes a client may retry after a pause: the handler answers them with `Retry-After`. */
 export const RETRYABLE_CODES: ReadonlySet<string> = new Set([
   'FST_REQUEST_DB_ACQUIRE_TIMEOUT',

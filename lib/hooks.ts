@@ -1,7 +1,9 @@
+import type { Readable } from 'node:stream'
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
 import { RETRYABLE_CODES } from './errors.js'
 import { Lease } from './lease.js'
 import type { ClientGate } from './pool.js'
+import { isStream } from './response-state.js'
 
 // Where onRequest puts the request's lease; `request.db` reads it.
 const kLease = Symbol('fastify-request-db.lease')
@@ -50,6 +52,11 @@ export function addRequestHooks (fastify: FastifyInstance, gate: ClientGate): vo
   // their COMMIT (the @fastify/postgres trap).
   fastify.addHook('onSend', function commitAndRelease (request: WithLease, reply: FastifyReply, payload: unknown, done: (err: Error | null, payload?: unknown) => void) {
     const lease = request[kLease]
+    // A stream on a transaction route commits at its end, not here (Lease.settleAtStreamEnd).
+    if (lease !== undefined && isStream(payload) && lease.isTransactionRoute()) {
+      done(null, lease.settleAtStreamEnd(payload as Readable, reply.statusCode))
+      return
+    }
     if (lease === undefined || !lease.routeTxOpen) {
       // Synchronous: an async onSend would let a second reply.send() slip through before the first
       // is written.

@@ -1,18 +1,35 @@
 import type { FastifyBaseLogger, FastifyReply, FastifyRequest } from 'fastify'
+import { pipeline, type Readable, Transform } from 'node:stream'
 import type { PoolClient, QueryConfig, QueryResult } from 'pg'
-import { FST_REQUEST_DB_CLOSING, FST_REQUEST_DB_COMMIT_FAILED, FST_REQUEST_DB_RELEASED } from './errors.js'
 import { promised, type Taken } from './checkout.js'
+import { FST_REQUEST_DB_CLOSING, FST_REQUEST_DB_COMMIT_FAILED, FST_REQUEST_DB_RELEASED } from './errors.js'
 import type { ClientGate } from './pool.js'
 import { connectionGone, isStream, responseEnded } from './response-state.js'
-import { CANCEL_GRACE_MS, type DbSession, notCommitted, Session } from './session.js'
+import { CANCEL_GRACE_MS, type DbSession, notCommitted, OWN, Session } from './session.js'
+import { closeCursor, cutConnection, type Submittable } from './streams.js'
+
+/**
+ * What `request.db.connect()` resolves to: the request's connection in the shape of a pg-pool
+ * client, for libraries that take a pool (Kysely's `PostgresDialect({ pool: request.db })`).
+ * Its statements are the request's own; `release()` does nothing, since the request gives the
+ * connection back when it ends.
+ */
+export interface RequestDbClient extends Pick<DbSession, 'query'> {
+  release (err?: unknown): void
+}
 
 /** `request.db`: the request's own connection, taken from the pool at first use. */
 export interface RequestDb extends DbSession {
   /**
-   * The request's `pg.PoolClient`, for cursors, COPY or LISTEN. Calling `release()` on it is safe.
-   * Because its statements cannot be seen, the connection is closed rather than reused afterwards.
+   * The request's `pg.PoolClient`, for LISTEN or anything this plugin can't see. Calling
+   * `release()` on it is safe. Because its statements cannot be seen, the connection is closed
+   * rather than reused afterwards. (Streams need no raw client: `request.db.query(stream)`.)
    */
   client (): Promise<PoolClient>
+  /** The pg-pool face: resolves to the request's connection; every call to the same one. */
+  connect (): Promise<RequestDbClient>
+  /** The pg-pool face: does nothing (the connection goes back when the request ends). */
+  end (): Promise<void>
 }
 
 /** Per-route settings: `{ config: { db: { transaction: true } } }`. */
@@ -20,6 +37,9 @@ export interface RouteDbConfig {
   /** Run the whole request in one transaction: committed before the response if it succeeded. */
   transaction?: boolean
 }
+
+// How long a stream being stopped may take before its connection is closed under it.
+const STOP_STREAM_MS = 1000
 
 const IDLE = 0
 const ACQUIRING = 1
@@ -54,6 +74,7 @@ export class Lease extends Session implements RequestDb {
   private poolRelease: PoolClient['release'] | undefined = undefined
   /** The request is over and its release waits for statements before it would cancel them. */
   private awaitingStatements = false
+  private poolFace: Promise<RequestDbClient> | null = null
 
   constructor (gate: ClientGate, request: FastifyRequest, reply: FastifyReply) {
     super(gate)
@@ -73,6 +94,59 @@ export class Lease extends Session implements RequestDb {
     return client
   }
 
+  connect (): Promise<RequestDbClient> {
+    // One object per request: Kysely keys its connection wrapper by the client it gets.
+    return this.poolFace ??= Promise.resolve({
+      query: ((text: never, values?: never) => this.query(text, values)) as RequestDbClient['query'],
+      release () {}
+    })
+  }
+
+  end (): Promise<void> {
+    return Promise.resolve()
+  }
+
+  /** Is this a route transaction's route (`config.db.transaction`)? Read only where it's needed. */
+  isTransactionRoute (): boolean {
+    return (this.request.routeOptions.config as { db?: RouteDbConfig }).db?.transaction === true
+  }
+
+  /**
+   * onSend of a transaction route whose payload is a stream: the body may still read from this
+   * connection (a cursor), so COMMIT can't come before it (pg would queue it behind the cursor,
+   * which waits for the body, which waits for onSend: a deadlock). The payload is passed through a
+   * stream that sends COMMIT (or ROLLBACK) when the body has been read to its end and ends only
+   * after it: a failed COMMIT errors the response before its last bytes, so the client sees an
+   * aborted response, never a complete 200. An error or a client gone half-way rolls back.
+   */
+  settleAtStreamEnd (payload: Readable, statusCode: number): Readable {
+    const settle = (then: (err: Error | null) => void): void => {
+      if (!this.routeTxOpen) {
+        then(null)
+        return
+      }
+      this.settle(statusCode, (err) => {
+        this.settling = false
+        then(err)
+      })
+    }
+    const body = new Transform({
+      readableObjectMode: payload.readableObjectMode,
+      writableObjectMode: payload.readableObjectMode,
+      transform (chunk, _encoding, done) {
+        done(null, chunk)
+      },
+      flush (done) {
+        settle(done)
+      }
+    })
+    // Destroying either destroys the other: the response closing early stops the source (a
+    // QueryStream closes its cursor), and a source error errors the response.
+    pipeline(payload, body, () => {})
+    this.releaseEarly(body)
+    return body
+  }
+
   /**
    * onSend: the handler is done and the payload is ready, so the client goes back to the pool
    * without waiting for the bytes to be written, and serves the next request sooner. A streamed
@@ -85,7 +159,7 @@ export class Lease extends Session implements RequestDb {
     if (state === IDLE) this.responding = true
     // Fastify runs onSend for a request whose client already went away, maybe before the sweep
     // noticed: then a statement still running gets the abort's grace and cancel, not a wait.
-    else if (state === ACTIVE && !this.rawHandedOut && !isStream(payload)) this.end(connectionGone(this.request, this.reply))
+    else if (state === ACTIVE && !this.rawHandedOut && !isStream(payload)) this.terminate(connectionGone(this.request, this.reply))
     else if (state !== ENDED) this.watchResponse()
   }
 
@@ -102,7 +176,7 @@ export class Lease extends Session implements RequestDb {
   }
 
   override checkStillWanted (): void {
-    if (this.state === ACTIVE && responseEnded(this.request, this.reply)) this.end(!this.reply.raw.writableEnded)
+    if (this.state === ACTIVE && responseEnded(this.request, this.reply)) this.terminate(!this.reply.raw.writableEnded)
   }
 
   /**
@@ -129,27 +203,27 @@ export class Lease extends Session implements RequestDb {
       then(null)
       return
     }
-    this.txDepth = 0
+    this.transactionEnded()
     if (this.failed || statusCode >= 400) {
       // A broken connection takes its transaction with it: the server rolls back on disconnect.
       if (this.broken) {
         then(null)
         return
       }
-      this.dispatch(client, 'ROLLBACK', undefined, () => then(null), (err) => {
+      this.dispatch(client, OWN.ROLLBACK, undefined, () => then(null), (err) => {
         this.rollbackFailed(err, null)
         then(null)
       })
       return
     }
-    this.dispatch(client, 'COMMIT', undefined, (result: QueryResult) => then(notCommitted(result)),
+    this.dispatch(client, OWN.COMMIT, undefined, (result: QueryResult) => then(notCommitted(result)),
       (err) => then(new FST_REQUEST_DB_COMMIT_FAILED(this.gate.redact(err.message), { cause: err })))
   }
 
   override forceRelease (): void {
     this.markBroken('the server is shutting down')
     this.shutdownCancel = true
-    if (this.state !== ENDED) this.end(true)
+    if (this.state !== ENDED) this.terminate(true)
     // A release waiting for statements to end on their own (finish) cancels them now instead; one
     // that already cancelled them keeps waiting for that.
     else if (this.awaitingStatements) this.stopWaiting()
@@ -183,7 +257,7 @@ export class Lease extends Session implements RequestDb {
   }
 
   /** Call `then` with the request's client, taking one from the pool at first use. */
-  private withClient (then: Taken): void {
+  protected override withClient (then: Taken): void {
     if (this.waiters !== null) {
       this.waiters.push(then)
       return
@@ -236,7 +310,7 @@ export class Lease extends Session implements RequestDb {
       }, { once: true })
     }
     if ((route.config as { db?: RouteDbConfig }).db?.transaction === true) {
-      this.dispatch(client as PoolClient, 'BEGIN', undefined, () => {
+      this.dispatch(client as PoolClient, OWN.BEGIN, undefined, () => {
         this.txDepth = 1
         this.routeTxOpen = true
         this.answerWaiters(null, client)
@@ -260,10 +334,10 @@ export class Lease extends Session implements RequestDb {
     if (this.listening) return
     this.listening = true
     const res = this.reply.raw
-    res.on('close', () => this.end(!res.writableEnded))
+    res.on('close', () => this.terminate(!res.writableEnded))
   }
 
-  private end (aborted: boolean): void {
+  private terminate (aborted: boolean): void {
     const state = this.state
     // Reached from onSend, the sweep, a stream's 'close' and shutdown: whichever comes first acts.
     this.state = ENDED
@@ -283,16 +357,37 @@ export class Lease extends Session implements RequestDb {
     // handshakes hit the requests that followed. Shutdown cancels at once, and so does an abort
     // while user code holds the raw client (what runs on it can be neither seen nor waited for).
     // A statement that ignores the cancel loses its connection.
+    // A stream still open when the response is over (its reader gone, or never read to the end)
+    // will never finish on its own: it gets the same grace, then is stopped (stopStreams).
+    const streaming = this.openStreams !== null && this.openStreams.size > 0
     if (!this.shutdownCancel && !(aborted && this.rawHandedOut)) {
       this.awaitingStatements = true
-      await this.whenSettled(aborted ? this.gate.abortGraceMs : Number.POSITIVE_INFINITY)
+      await this.whenSettled(aborted || streaming ? this.gate.abortGraceMs : Number.POSITIVE_INFINITY)
       this.awaitingStatements = false
     }
+    if (this.openStreams !== null && this.openStreams.size > 0) await this.stopStreams(client)
     if ((aborted || this.shutdownCancel) && this.isBusy()) {
       this.cancel(client)
       await this.whenSettled(CANCEL_GRACE_MS)
     }
     await this.giveBack(client, this.rawHandedOut, this.poolRelease)
+  }
+
+  /**
+   * Stop streams nobody will read: a cursor closes its portal (the statement ends on the server and
+   * the connection stays reusable); anything else, or a cursor that does not close in time, loses
+   * the connection. Its backend may be blocked writing rows to a socket nobody reads, which a
+   * CancelRequest does not reach, so the socket is closed too; the cancel stops work that had not
+   * reached the socket yet.
+   */
+  private async stopStreams (client: PoolClient): Promise<void> {
+    let cursors = 0
+    for (const sub of this.openStreams as Set<Submittable>) if (closeCursor(sub)) cursors++
+    if (cursors > 0) await this.whenSettled(STOP_STREAM_MS)
+    if ((this.openStreams as Set<Submittable>).size === 0) return
+    this.cancel(client)
+    cutConnection(client)
+    await this.whenSettled(STOP_STREAM_MS)
   }
 
   private handlerTimedOut (): void {

@@ -1,14 +1,27 @@
 import type { FastifyBaseLogger } from 'fastify'
 import type { PoolClient, QueryConfig, QueryResult, QueryResultRow } from 'pg'
 import { requestCancel } from './cancel.js'
-import { FST_REQUEST_DB_CLOSING, FST_REQUEST_DB_COMMIT_FAILED, FST_REQUEST_DB_CONNECTION_LOST } from './errors.js'
+import type { Taken } from './checkout.js'
+import {
+  FST_REQUEST_DB_CLOSING,
+  FST_REQUEST_DB_COMMIT_FAILED,
+  FST_REQUEST_DB_CONNECTION_LOST,
+  FST_REQUEST_DB_TRANSACTION_STATEMENT
+} from './errors.js'
 import type { ClientHolder } from './held-clients.js'
 import { type ClientGate, isConnectionError } from './pool.js'
 import { changesSessionState } from './session-state.js'
+import { failSubmittable, isSubmittable, type Submittable, submittableText, whenSubmittableDone } from './streams.js'
 import { runTransaction, type TransactionHost } from './transaction.js'
+import { savepointName, type TransactionStatement, transactionStatement } from './transaction-control.js'
 
 /** Queries on one connection: what `app.db.transaction` and `request.db.transaction` hand to `fn`. */
 export interface DbSession {
+  /**
+   * Stream a statement's rows on this connection: pass a pg "submittable" (pg-query-stream,
+   * pg-cursor, pg-copy-streams' copyTo/copyFrom) and get it back, as pg's `client.query` does.
+   */
+  query<S extends Submittable> (stream: S): S
   /** Run a statement; rows are typed by the generic. */
   query<R extends QueryResultRow = any, V extends unknown[] = unknown[]> (
     text: string | QueryConfig<V>, values?: V
@@ -19,6 +32,18 @@ export interface DbSession {
 
 // How long a cancelled statement may take to stop before its connection is closed instead.
 export const CANCEL_GRACE_MS = 2000
+
+// Statements of the plugin's own (BEGIN/COMMIT of a transaction it runs, savepoints): sent as they
+// are, never read as a user's transaction statement (transaction-control.ts).
+const kOwn = Symbol('fastify-request-db.own-statement')
+type OwnStatement = QueryConfig & { [kOwn]: true }
+export function own (text: string): OwnStatement {
+  return { text, [kOwn]: true }
+}
+const OWN_BEGIN = own('BEGIN')
+const OWN_COMMIT = own('COMMIT')
+const OWN_ROLLBACK = own('ROLLBACK')
+export const OWN = { BEGIN: OWN_BEGIN, COMMIT: OWN_COMMIT, ROLLBACK: OWN_ROLLBACK }
 
 /**
  * One pool client held for a while, and the books on it: statements in flight, open transactions,
@@ -42,6 +67,10 @@ export class Session implements ClientHolder, TransactionHost<Session>, DbSessio
   protected rawHandedOut = false
   /** Shutdown cancelled this session's statements: their errors become FST_REQUEST_DB_CLOSING. */
   protected shutdownCancel = false
+  /** Streams (submittables) not over yet on the connection. */
+  protected openStreams: Set<Submittable> | null = null
+  /** Depths at which a BEGIN sent as a statement opened a level: its COMMIT/ROLLBACK may end it. */
+  private plainLevels: number[] | null = null
   private settled: (() => void) | null = null
 
   constructor (gate: ClientGate) {
@@ -52,10 +81,13 @@ export class Session implements ClientHolder, TransactionHost<Session>, DbSessio
     return this
   }
 
-  query<R extends QueryResultRow = any, V extends unknown[] = unknown[]> (text: string | QueryConfig<V>, values?: V): Promise<QueryResult<R>> {
+  query<S extends Submittable> (stream: S): S
+  query<R extends QueryResultRow = any, V extends unknown[] = unknown[]> (text: string | QueryConfig<V>, values?: V): Promise<QueryResult<R>>
+  query (text: string | QueryConfig | Submittable, values?: unknown[]): Promise<QueryResult> | Submittable {
+    if (typeof text === 'object' && isSubmittable(text)) return this.submit(text)
     const client = this.current
-    if (client === null) return this.queryWithoutClient(text, values)
-    return this.send(client, text, values)
+    if (client === null) return this.queryWithoutClient(text as string | QueryConfig, values)
+    return this.send(client, text as string | QueryConfig, values)
   }
 
   transaction<T> (fn: (tx: this) => Promise<T> | T): Promise<T> {
@@ -63,9 +95,15 @@ export class Session implements ClientHolder, TransactionHost<Session>, DbSessio
   }
 
   async control (sql: string): Promise<void> {
-    const result = await this.query(sql)
+    const result = await this.query(sql === 'BEGIN' ? OWN_BEGIN : sql === 'COMMIT' ? OWN_COMMIT : own(sql))
     const notDone = sql === 'COMMIT' ? notCommitted(result) : null
     if (notDone !== null) throw notDone
+  }
+
+  /** Forget every open level: the transaction ended as a whole (route COMMIT/ROLLBACK, release). */
+  protected transactionEnded (): void {
+    this.txDepth = 0
+    this.plainLevels = null
   }
 
   rollbackFailed (rollbackError: unknown, cause: unknown): void {
@@ -145,6 +183,46 @@ export class Session implements ClientHolder, TransactionHost<Session>, DbSessio
     return Promise.reject(new Error('fastify-request-db: this session is over'))
   }
 
+  /** Call `then` with the session's client. (A request's lease takes one at first use.) */
+  protected withClient (then: Taken): void {
+    const client = this.current
+    if (client !== null) then(null, client)
+    else then(new Error('fastify-request-db: this session holds no connection'))
+  }
+
+  /** Hand a stream its statement on this connection, and count it in flight until it is over. */
+  private submit<S extends Submittable> (sub: S): S {
+    this.withClient((err, client) => {
+      if (err !== null) failSubmittable(sub, err)
+      else this.startStream(client as PoolClient, sub)
+    })
+    return sub
+  }
+
+  private startStream (client: PoolClient, sub: Submittable): void {
+    if (this.broken) {
+      failSubmittable(sub, this.brokenError())
+      return
+    }
+    const sql = submittableText(sub)
+    if (sql !== undefined && !this.dirty && changesSessionState(sql)) this.dirty = true
+    const open = this.openStreams ??= new Set()
+    open.add(sub)
+    this.pending++
+    whenSubmittableDone(sub, (connectionError) => {
+      open.delete(sub)
+      if (connectionError !== null) this.statementError(connectionError)
+      this.statementEnded()
+    })
+    try {
+      client.query(sub as never)
+    } catch (err) {
+      open.delete(sub)
+      this.statementEnded()
+      failSubmittable(sub, err as Error)
+    }
+  }
+
   protected send<R extends QueryResultRow> (client: PoolClient, text: string | QueryConfig, values?: unknown[]): Promise<QueryResult<R>> {
     return new Promise((resolve, reject) => this.dispatch(client, text, values, resolve, reject))
   }
@@ -162,12 +240,83 @@ export class Session implements ClientHolder, TransactionHost<Session>, DbSessio
       reject(this.brokenError())
       return
     }
+    let sql: string
     if (typeof text === 'string') {
-      if (!this.dirty && changesSessionState(text)) this.dirty = true
+      sql = text
     } else {
-      if (!this.dirty && changesSessionState(text.text)) this.dirty = true
+      if ((text as Partial<OwnStatement>)[kOwn] === true) {
+        this.run(client, text, undefined, resolve, reject)
+        return
+      }
+      sql = text.text
       if (text.name !== undefined) this.namedStatements = true
     }
+    if (!this.dirty && changesSessionState(sql)) this.dirty = true
+    const kind = transactionStatement(sql)
+    if (kind !== null) this.runTransactionStatement(client, kind, text, values, resolve, reject)
+    else this.run(client, text, values, resolve, reject)
+  }
+
+  /**
+   * A BEGIN/COMMIT/ROLLBACK the user (or a query builder) sent. Outside any transaction it goes as
+   * it is, and the books follow it. Inside one, a bare BEGIN opens a savepoint, and the COMMIT or
+   * ROLLBACK that closes a level a statement opened releases it or rolls back to it; one that would
+   * end a level the plugin opened (the route's transaction, `transaction()`) is refused.
+   */
+  private runTransactionStatement (client: PoolClient, kind: TransactionStatement, text: string | QueryConfig, values: unknown[] | undefined, resolve: (result: any) => void, reject: (err: Error) => void): void {
+    const depth = this.txDepth
+    const levels = this.plainLevels
+    const ownsLevel = levels !== null && levels[levels.length - 1] === depth
+    let sql: string | null = null
+    let after: number
+    if (kind === 'begin' || kind === 'begin-with-options') {
+      after = depth + 1
+      if (depth > 0) {
+        if (kind === 'begin-with-options') {
+          reject(new FST_REQUEST_DB_TRANSACTION_STATEMENT('a BEGIN with options inside a transaction: a savepoint keeps the isolation level and access mode of the transaction around it'))
+          return
+        }
+        sql = `SAVEPOINT ${savepointName(depth)}`
+      }
+    } else {
+      after = depth === 0 ? 0 : depth - 1
+      if (depth > 0 && !ownsLevel) {
+        reject(new FST_REQUEST_DB_TRANSACTION_STATEMENT(`${kind === 'rollback' ? 'ROLLBACK' : 'COMMIT'} would end a transaction it did not begin (the route's, or transaction()'s): return to commit it, throw to roll it back`))
+        return
+      }
+      if (depth > 1) {
+        const name = savepointName(depth - 1)
+        if (kind === 'commit') sql = `RELEASE SAVEPOINT ${name}`
+        else if (kind === 'rollback') sql = `ROLLBACK TO SAVEPOINT ${name}; RELEASE SAVEPOINT ${name}`
+        else {
+          reject(new FST_REQUEST_DB_TRANSACTION_STATEMENT('AND CHAIN inside a nested transaction'))
+          return
+        }
+      }
+    }
+    const sentAsIs = sql === null
+    this.run(client, sentAsIs ? text : sql as string, sentAsIs ? values : undefined, (result) => {
+      this.levelChanged(after)
+      resolve(result)
+    }, (err) => {
+      // A failed COMMIT or ROLLBACK of a real transaction ends it all the same (the server rolls back).
+      if (sentAsIs && after < depth) this.levelChanged(after)
+      reject(err)
+    })
+  }
+
+  private levelChanged (depth: number): void {
+    if (depth === 0) {
+      this.transactionEnded()
+      return
+    }
+    if (depth > this.txDepth) (this.plainLevels ??= []).push(depth)
+    else this.plainLevels?.pop()
+    this.txDepth = depth
+  }
+
+  /** Send a statement as it is, counted in flight until pg answers. */
+  private run (client: PoolClient, text: string | QueryConfig, values: unknown[] | undefined, resolve: (result: any) => void, reject: (err: Error) => void): void {
     this.pending++
     // pg's callback form: its promise form adds two promises and a closure per statement, which
     // the benchmark's allocation count showed on every request.
@@ -192,7 +341,7 @@ export class Session implements ClientHolder, TransactionHost<Session>, DbSessio
     if (--this.pending === 0 && this.settled !== null) this.settled()
   }
 
-  private statementError (err: Error): Error {
+  protected statementError (err: Error): Error {
     if (this.shutdownCancel) return new FST_REQUEST_DB_CLOSING({ cause: err })
     if (isConnectionError(err)) {
       // The statement may have run before the connection broke: it is never sent again.
@@ -239,7 +388,7 @@ export class Session implements ClientHolder, TransactionHost<Session>, DbSessio
    */
   protected giveBack (client: PoolClient, closeConnection: boolean, poolRelease?: PoolClient['release']): Promise<void> | undefined {
     const destroy = closeConnection || this.broken || this.dirty || this.isBusy()
-    this.txDepth = 0
+    this.transactionEnded()
     // Synchronous in the common case (nothing open, nothing changed): no promise per request.
     if (!destroy && this.transactionStatus(client) !== 'I') return this.rollBackThenRelease(client, poolRelease)
     this.releaseClient(client, destroy, poolRelease)

@@ -3,6 +3,8 @@
  * queries on one connection: a request's lease or an `app.db.transaction` call.
  */
 
+import { savepointName } from './transaction-control.js'
+
 export interface TransactionHost<Tx> {
   /** How many transactions / savepoints are open on the connection now. */
   txDepth: number
@@ -18,7 +20,7 @@ export async function runTransaction<Tx, T> (host: TransactionHost<Tx>, fn: (tx:
   if (typeof fn !== 'function') throw new TypeError('transaction(fn): fn must be a function')
   const depth = host.txDepth
   // Savepoint names only need to be unique among the open ones: the depth is.
-  const savepoint = depth === 0 ? null : `request_db_${depth}`
+  const savepoint = depth === 0 ? null : savepointName(depth)
   await host.control(savepoint === null ? 'BEGIN' : `SAVEPOINT ${savepoint}`)
   host.txDepth = depth + 1
   let result: T

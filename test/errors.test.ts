@@ -10,6 +10,7 @@ const expected: Array<[keyof typeof errors, number, unknown[], RegExp]> = [
   ['FST_REQUEST_DB_CONNECTION_LOST', 503, ['the session had changed (SET)'], /^The database connection of this request was lost: the session had changed \(SET\)$/],
   ['FST_REQUEST_DB_CLOSING', 503, [], /shutting down/],
   ['FST_REQUEST_DB_RELEASED', 500, [], /after the request ended/],
+  ['FST_REQUEST_DB_TRANSACTION_STATEMENT', 500, ['COMMIT would end the route\'s transaction'], /^Transaction statement refused: COMMIT would end the route's transaction$/],
   ['FST_REQUEST_DB_COMMIT_FAILED', 500, ['deferred constraint'], /could not be committed: deferred constraint$/]
 ]
 

@@ -1,0 +1,64 @@
+// A route transaction whose body streams from the request's own connection (#22): it must commit
+// after the stream was read to its end, roll back when the client goes away half-way, and never
+// deadlock whatever the row count (COMMIT queued behind an open cursor waited for the body).
+import { Transform } from 'node:stream'
+import QueryStream from 'pg-query-stream'
+import t from 'tap'
+import { appBackends, buildApp, createDatabase, waitFor } from './helpers/db.js'
+import { getThenHangUp, listen } from './helpers/http.js'
+import { request as httpRequest } from 'node:http'
+
+function ndjson (): Transform {
+  return new Transform({
+    writableObjectMode: true,
+    transform (row, _encoding, done) {
+      done(null, JSON.stringify(row) + '\n')
+    }
+  })
+}
+
+/** GET the whole body, timing the first byte and the end. */
+function timedGet (port: number, path: string): Promise<{ status: number, body: string, firstByteMs: number, totalMs: number, complete: boolean }> {
+  const started = Date.now()
+  return new Promise((resolve, reject) => {
+    const req = httpRequest({ port, host: '127.0.0.1', path, agent: false }, (res) => {
+      let firstByteMs = -1
+      const chunks: Buffer[] = []
+      res.on('data', (c: Buffer) => {
+        if (firstByteMs < 0) firstByteMs = Date.now() - started
+        chunks.push(c)
+      })
+      res.on('end', () => resolve({ status: res.statusCode ?? 0, body: Buffer.concat(chunks).toString(), firstByteMs, totalMs: Date.now() - started, complete: res.complete }))
+      res.on('error', () => resolve({ status: res.statusCode ?? 0, body: Buffer.concat(chunks).toString(), firstByteMs, totalMs: Date.now() - started, complete: false }))
+    })
+    req.on('error', reject)
+    req.end()
+  })
+}
+
+t.test('a transaction route streaming from its own connection commits after the stream, at any size', { timeout: 300_000 }, async (t) => {
+  const db = await createDatabase(t)
+  await db.admin.query('CREATE TABLE marks (n int, xid xid8)')
+  const app = await buildApp(db, { max: 2 })
+  app.get<{ Querystring: { rows: string } }>('/export', { config: { db: { transaction: true } } }, async (request, reply) => {
+    const n = Number(request.query.rows)
+    await request.db.query('INSERT INTO marks VALUES ($1, pg_current_xact_id())', [n])
+    const rows = request.db.query(new QueryStream(
+      'SELECT i, pg_current_xact_id_if_assigned()::text AS xid FROM generate_series(1, $1::int) AS i', [n], { batchSize: 1000 }))
+    return reply.type('application/x-ndjson').send(rows.pipe(ndjson()))
+  })
+  const port = await listen(app)
+
+  for (const rows of [10, 10_000, 1_000_000]) {
+    const res = await timedGet(port, `/export?rows=${rows}`)
+    t.equal(res.status, 200)
+    t.ok(res.complete, 'the response is complete')
+    const lines = res.body.trimEnd().split('\n')
+    t.equal(lines.length, rows, `${rows} rows streamed; first byte ${res.firstByteMs} ms, all ${res.totalMs} ms`)
+    const { rows: marks } = await db.admin.query('SELECT xid::text FROM marks WHERE n = $1', [rows])
+    t.equal(marks.length, 1, 'the insert committed')
+    t.equal(JSON.parse(lines[0]).xid, marks[0].xid, 'the rows were read inside the insert\'s transaction')
+    t.equal(JSON.parse(lines[lines.length - 1]).xid, marks[0].xid)
+    await waitFor(() => app.db.stats().leased === 0, 3000, 'release')
+  }
+})
