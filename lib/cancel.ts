@@ -9,6 +9,7 @@ import { connect, type Socket } from 'node:net'
  */
 
 const CANCEL_REQUEST_CODE = 80877102
+/** How long to wait for the server to close the cancel connection before closing it ourselves. */
 const GIVE_UP_MS = 2000
 
 /** The slice of pg's Client this needs: it records these from the server's BackendKeyData. */
@@ -19,7 +20,11 @@ export interface CancellableClient {
   port?: number
 }
 
-export function requestCancel (client: CancellableClient): Promise<void> {
+/**
+ * Resolves once the server has closed the cancel connection (it has read the request), or after
+ * `giveUpMs`, or on a connection error. Never rejects: a cancel is best effort.
+ */
+export function requestCancel (client: CancellableClient, giveUpMs = GIVE_UP_MS): Promise<void> {
   const { processID, secretKey } = client
   const host = client.host ?? 'localhost'
   const port = client.port ?? 5432
@@ -42,9 +47,18 @@ export function requestCancel (client: CancellableClient): Promise<void> {
       resolve()
     }
     // Best effort: the server answers by closing the socket; if it never does, stop waiting.
-    const timer = setTimeout(done, GIVE_UP_MS)
+    const timer = setTimeout(done, giveUpMs)
     timer.unref()
-    socket.once('connect', () => socket.end(packet))
+    // Write, then leave the socket open until the server closes it: no half-close of our own.
+    // PostgreSQL acts on the packet whatever we do next, but PgBouncer forwards it on a connection
+    // of its own and drops a cancel whose sender has hung up meanwhile (the statement runs on), or
+    // races with that hang-up and aborts ("disconnect_client(): bad client state"), taking every
+    // client down with it. With PgBouncer 1.18 in front, `socket.end(packet)` lost the cancel or
+    // crashed PgBouncer in 9 of 9 tries with a bare socket; writing, then waiting, cancelled in all.
+    socket.once('connect', () => socket.write(packet))
+    // Nothing is expected back, but bytes left unread would hold back the 'end' of the stream, and
+    // the close would only be seen at the give-up: read and drop whatever comes.
+    socket.resume()
     socket.once('close', done)
     socket.once('error', done)
   })
