@@ -6,7 +6,7 @@
 // and installs process-wide signal handlers that race the app's own shutdown.
 import { randomBytes } from 'node:crypto'
 import { spawn } from 'node:child_process'
-import { rmSync } from 'node:fs'
+import { rmSync, statSync } from 'node:fs'
 import { chmod, chown, mkdir, mkdtemp, rm, unlink, writeFile } from 'node:fs/promises'
 import { createServer } from 'node:net'
 import { tmpdir } from 'node:os'
@@ -241,11 +241,17 @@ function launch (file, args, { cwd, osUser, log }) {
 
 function spawnFailure ({ file, cwd, osUser }, error) {
   const what = `could not run ${file} (${error.code ?? error.message}${osUser !== null ? ` as the user "${osUser.name}"` : ''}).`
-  const todo = error.code === 'ENOENT'
+  let mode = null
+  try {
+    mode = statSync(file).mode
+  } catch {}
+  const todo = mode === null
     ? 'The file is missing: reinstall with "npm ci".'
-    : file.startsWith(cwd)
-      ? 'The temporary folder may be mounted noexec: set TMPDIR to another folder.'
-      : 'The file must be executable and its folder not mounted noexec: reinstall with "npm ci", or move the project.'
+    : (mode & 0o111) === 0
+        ? 'The file is not executable (its mode was lost, or comes so from the package): reinstall with "npm ci".'
+        : file.startsWith(cwd)
+          ? 'The temporary folder may be mounted noexec: set TMPDIR to another folder.'
+          : 'Its folder may be mounted noexec: move the project, or reinstall with "npm ci".'
   return new EmbeddedPostgresError(what, todo, error)
 }
 
