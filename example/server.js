@@ -12,7 +12,13 @@ const log = { level: process.env.LOG_LEVEL ?? 'info' }
 let embedded = null
 if (!process.env.DATABASE_URL) {
   console.log('No DATABASE_URL: starting an embedded PostgreSQL (first start takes a few seconds)…')
-  embedded = await startEmbeddedPostgres()
+  try {
+    embedded = await startEmbeddedPostgres()
+  } catch (err) {
+    // An EmbeddedPostgresError's message says what failed and what to do; a stack adds nothing.
+    console.error(err.name === 'EmbeddedPostgresError' ? err.message : err)
+    process.exit(1)
+  }
 }
 
 const app = Fastify({ logger: log, handlerTimeout: 10_000 })

@@ -14,7 +14,13 @@ if (!command) {
 let server = null
 if (!process.env.DATABASE_URL) {
   process.stderr.write('Starting an embedded PostgreSQL for this run (set DATABASE_URL to use your own)…\n')
-  server = await startEmbeddedPostgres()
+  try {
+    server = await startEmbeddedPostgres()
+  } catch (err) {
+    // An EmbeddedPostgresError's message says what failed and what to do; a stack adds nothing.
+    console.error(err.name === 'EmbeddedPostgresError' ? err.message : err)
+    process.exit(1)
+  }
 }
 
 const env = { ...process.env, DATABASE_URL: process.env.DATABASE_URL || server.url }

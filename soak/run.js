@@ -30,7 +30,13 @@ let server = null
 let baseUrl = process.env.DATABASE_URL
 if (!baseUrl) {
   log('starting an embedded PostgreSQL')
-  server = await startEmbeddedPostgres()
+  try {
+    server = await startEmbeddedPostgres()
+  } catch (err) {
+    // Its message says what failed and what to do; a stack adds nothing.
+    console.error(err.name === 'EmbeddedPostgresError' ? err.message : err)
+    process.exit(1)
+  }
   baseUrl = server.url
 }
 const admin = new pg.Pool({ connectionString: baseUrl, max: 2 })
