@@ -381,13 +381,14 @@ export class Lease extends Session implements RequestDb {
    * reached the socket yet.
    */
   private async stopStreams (client: PoolClient): Promise<void> {
+    const streams = this.openStreams as Map<Submittable, () => void>
     let cursors = 0
-    for (const sub of this.openStreams as Set<Submittable>) if (closeCursor(sub)) cursors++
+    for (const sub of streams.keys()) if (closeCursor(sub)) cursors++
     if (cursors > 0) await this.whenSettled(STOP_STREAM_MS)
-    if ((this.openStreams as Set<Submittable>).size === 0) return
+    if (streams.size === 0) return
     this.cancel(client)
     cutConnection(client)
-    await this.whenSettled(STOP_STREAM_MS)
+    this.forgetStreams()
   }
 
   private handlerTimedOut (): void {

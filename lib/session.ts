@@ -1,5 +1,5 @@
 import type { FastifyBaseLogger } from 'fastify'
-import type { PoolClient, QueryConfig, QueryResult, QueryResultRow } from 'pg'
+import type { PoolClient, QueryConfig, QueryResult, QueryResultRow, Submittable as PgSubmittable } from 'pg'
 import { requestCancel } from './cancel.js'
 import type { Taken } from './checkout.js'
 import {
@@ -21,7 +21,7 @@ export interface DbSession {
    * Stream a statement's rows on this connection: pass a pg "submittable" (pg-query-stream,
    * pg-cursor, pg-copy-streams' copyTo/copyFrom) and get it back, as pg's `client.query` does.
    */
-  query<S extends Submittable> (stream: S): S
+  query<S extends PgSubmittable> (stream: S): S
   /** Run a statement; rows are typed by the generic. */
   query<R extends QueryResultRow = any, V extends unknown[] = unknown[]> (
     text: string | QueryConfig<V>, values?: V
@@ -67,8 +67,8 @@ export class Session implements ClientHolder, TransactionHost<Session>, DbSessio
   protected rawHandedOut = false
   /** Shutdown cancelled this session's statements: their errors become FST_REQUEST_DB_CLOSING. */
   protected shutdownCancel = false
-  /** Streams (submittables) not over yet on the connection. */
-  protected openStreams: Set<Submittable> | null = null
+  /** Streams (submittables) not over yet on the connection, each with what ends its count. */
+  protected openStreams: Map<Submittable, () => void> | null = null
   /** Depths at which a BEGIN sent as a statement opened a level: its COMMIT/ROLLBACK may end it. */
   private plainLevels: number[] | null = null
   private settled: (() => void) | null = null
@@ -81,9 +81,9 @@ export class Session implements ClientHolder, TransactionHost<Session>, DbSessio
     return this
   }
 
-  query<S extends Submittable> (stream: S): S
+  query<S extends PgSubmittable> (stream: S): S
   query<R extends QueryResultRow = any, V extends unknown[] = unknown[]> (text: string | QueryConfig<V>, values?: V): Promise<QueryResult<R>>
-  query (text: string | QueryConfig | Submittable, values?: unknown[]): Promise<QueryResult> | Submittable {
+  query (text: string | QueryConfig | PgSubmittable, values?: unknown[]): Promise<QueryResult> | PgSubmittable {
     if (typeof text === 'object' && isSubmittable(text)) return this.submit(text)
     const client = this.current
     if (client === null) return this.queryWithoutClient(text as string | QueryConfig, values)
@@ -206,21 +206,31 @@ export class Session implements ClientHolder, TransactionHost<Session>, DbSessio
     }
     const sql = submittableText(sub)
     if (sql !== undefined && !this.dirty && changesSessionState(sql)) this.dirty = true
-    const open = this.openStreams ??= new Set()
-    open.add(sub)
+    const open = this.openStreams ??= new Map()
+    let counted = true
+    const over = (): void => {
+      if (!counted) return
+      counted = false
+      open.delete(sub)
+      this.statementEnded()
+    }
+    open.set(sub, over)
     this.pending++
     whenSubmittableDone(sub, (connectionError) => {
-      open.delete(sub)
       if (connectionError !== null) this.statementError(connectionError)
-      this.statementEnded()
+      over()
     })
     try {
       client.query(sub as never)
     } catch (err) {
-      open.delete(sub)
-      this.statementEnded()
+      over()
       failSubmittable(sub, err as Error)
     }
+  }
+
+  /** The connection was cut under its streams: none of them will hear from it again. */
+  protected forgetStreams (): void {
+    if (this.openStreams !== null) for (const over of [...this.openStreams.values()]) over()
   }
 
   protected send<R extends QueryResultRow> (client: PoolClient, text: string | QueryConfig, values?: unknown[]): Promise<QueryResult<R>> {

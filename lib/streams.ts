@@ -31,8 +31,8 @@ export function submittableText (sub: Submittable): string | undefined {
 }
 
 /**
- * Call `done` once, when `sub` is over on the connection: `done(null)` after its ReadyForQuery,
- * `done(err)` when the connection failed under it. Wraps the two methods on the instance; pg calls
+ * Call `done` once, when `sub` is over on the connection: `done(null)` after its ReadyForQuery or
+ * its error, `done(err)` when the connection failed under it. Wraps the two methods on the instance; pg calls
  * them as methods of whatever it was given.
  */
 export function whenSubmittableDone (sub: Submittable, done: (connectionError: Error | null) => void): void {
@@ -48,10 +48,11 @@ export function whenSubmittableDone (sub: Submittable, done: (connectionError: E
   }
   sub.handleError = function (this: Submittable, err: Error, connection?: unknown) {
     failed.call(this, err, connection)
-    // A statement's error is followed by ReadyForQuery; a broken connection's is the last word.
-    if (!over && isConnectionError(err)) {
+    // pg forgets the statement at its error: the ReadyForQuery after it goes to nobody. Anything
+    // sent next waits for that ReadyForQuery in pg's own queue, so the statement is over for us.
+    if (!over) {
       over = true
-      done(err)
+      done(isConnectionError(err) ? err : null)
     }
   }
 }

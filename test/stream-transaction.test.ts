@@ -1,40 +1,11 @@
 // A route transaction whose body streams from the request's own connection (#22): it must commit
 // after the stream was read to its end, roll back when the client goes away half-way, and never
 // deadlock whatever the row count (COMMIT queued behind an open cursor waited for the body).
-import { Transform } from 'node:stream'
 import QueryStream from 'pg-query-stream'
 import t from 'tap'
-import { appBackends, buildApp, createDatabase, waitFor } from './helpers/db.js'
-import { getThenHangUp, listen } from './helpers/http.js'
-import { request as httpRequest } from 'node:http'
-
-function ndjson (): Transform {
-  return new Transform({
-    writableObjectMode: true,
-    transform (row, _encoding, done) {
-      done(null, JSON.stringify(row) + '\n')
-    }
-  })
-}
-
-/** GET the whole body, timing the first byte and the end. */
-function timedGet (port: number, path: string): Promise<{ status: number, body: string, firstByteMs: number, totalMs: number, complete: boolean }> {
-  const started = Date.now()
-  return new Promise((resolve, reject) => {
-    const req = httpRequest({ port, host: '127.0.0.1', path, agent: false }, (res) => {
-      let firstByteMs = -1
-      const chunks: Buffer[] = []
-      res.on('data', (c: Buffer) => {
-        if (firstByteMs < 0) firstByteMs = Date.now() - started
-        chunks.push(c)
-      })
-      res.on('end', () => resolve({ status: res.statusCode ?? 0, body: Buffer.concat(chunks).toString(), firstByteMs, totalMs: Date.now() - started, complete: res.complete }))
-      res.on('error', () => resolve({ status: res.statusCode ?? 0, body: Buffer.concat(chunks).toString(), firstByteMs, totalMs: Date.now() - started, complete: false }))
-    })
-    req.on('error', reject)
-    req.end()
-  })
-}
+import { buildApp, createDatabase, waitFor } from './helpers/db.js'
+import { listen } from './helpers/http.js'
+import { ndjson, timedRequest } from './helpers/streams.js'
 
 t.test('a transaction route streaming from its own connection commits after the stream, at any size', { timeout: 300_000 }, async (t) => {
   const db = await createDatabase(t)
@@ -50,7 +21,7 @@ t.test('a transaction route streaming from its own connection commits after the 
   const port = await listen(app)
 
   for (const rows of [10, 10_000, 1_000_000]) {
-    const res = await timedGet(port, `/export?rows=${rows}`)
+    const res = await timedRequest(port, `/export?rows=${rows}`)
     t.equal(res.status, 200)
     t.ok(res.complete, 'the response is complete')
     const lines = res.body.trimEnd().split('\n')
