@@ -1,6 +1,7 @@
 // One benchmarked app in its own process, so its CPU time and memory are its own.
 // Parent → child IPC: 'measure' starts a window; 'report' ends it and answers with the figures.
 import { readFileSync } from 'node:fs'
+import { streamVariants } from './stream-variants.js'
 import { variants } from './variants.js'
 
 // CPU ticks (user + system) of the main thread, from /proc (Linux; elsewhere null). Together with
@@ -16,7 +17,7 @@ function mainThreadMicros () {
 }
 
 const name = process.argv[2]
-const variant = variants[name]
+const variant = variants[name] ?? streamVariants[name]
 if (!variant) throw new Error(`unknown variant ${name}`)
 
 const app = await variant.build(process.env.DATABASE_URL)

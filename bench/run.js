@@ -1,13 +1,15 @@
 // npm run bench: every variant, interleaved (A B C … C B A …), at 10 and 100 connections, for
 // several rounds. Per run: a fresh app process, a warm-up, then a measured autocannon window.
 // Writes bench/results.md. Options: --rounds 3,6 (per connection count, or one number for all),
-// --duration S (4), --warmup S (2), --connections 10,100, --only a,b
+// --duration S (4), --warmup S (2), --connections 10,100, --only a,b, --stream-rounds N (4; 0 skips
+// the streamed-export pair, bench/streams.js)
 import { writeFileSync } from 'node:fs'
 import { cpus } from 'node:os'
 import { parseArgs } from 'node:util'
 import autocannon from 'autocannon'
 import { startApp, stopApp } from './app-process.js'
 import { median } from './median.js'
+import { measureStreams, streamRatio } from './streams.js'
 import { variants } from './variants.js'
 
 const { values: args } = parseArgs({
@@ -20,7 +22,9 @@ const { values: args } = parseArgs({
     duration: { type: 'string', default: '4' },
     warmup: { type: 'string', default: '2' },
     connections: { type: 'string', default: '10,100' },
-    only: { type: 'string' }
+    only: { type: 'string' },
+    // The streamed-export pair (bench/streams.js): rounds of rows/s after the req/s rounds; 0 skips.
+    'stream-rounds': { type: 'string', default: '4' }
   }
 })
 const roundCounts = args.rounds.split(',').map(Number)
@@ -99,6 +103,11 @@ for (let round = 1; round <= rounds; round++) {
   }
 }
 
+const streamRounds = Number(args['stream-rounds'])
+const streams = streamRounds > 0
+  ? await measureStreams({ rounds: streamRounds, log: (line) => process.stderr.write(line + '\n') })
+  : null
+
 function ratio (connections, name, anchor, field = 'rps') {
   const rows = results[connections][name]
   const base = results[connections][anchor]
@@ -124,13 +133,20 @@ for (const connections of levels) {
       `${anchor ? fmt(ratio(connections, name, anchor), 3) : '1'} | ${anchor ?? '–'} | ${rows.reduce((a, r) => a + r.errors, 0)} | ${rows.every((r) => r.answered) ? 'yes' : 'NO'} |\n`
   }
 }
+if (streams !== null) {
+  md += `\n## Streamed export (rows/s)\n\nNDJSON of 200,000 rows through pg-query-stream, three exports per run, ${streamRounds} interleaved rounds.\n\n| variant | rows/s | app CPU µs/row | peak RSS MB | vs anchor |\n|---|---:|---:|---:|---:|\n`
+  for (const [name, rows] of Object.entries(streams)) {
+    md += `| ${name} | ${fmt(median(rows.map((r) => r.rowsPerSecond)))} | ${fmt(median(rows.map((r) => r.cpuPerRow)), 2)} | ${fmt(Math.max(...rows.map((r) => r.peakRss)) / 1048576, 0)} | ${name === 'stream-request-db' ? fmt(streamRatio(streams, name), 3) : '1'} |\n`
+  }
+}
 const c = levels.includes(100) ? 100 : levels[levels.length - 1]
 const budget = [
   ['request-db ≥ 0.97 × raw-pool req/s', ratio(c, 'request-db', 'raw-pool'), 0.97],
   ['request-db-3q ≥ 1.0 × raw-pool-3q req/s', ratio(c, 'request-db-3q', 'raw-pool-3q'), 1.0],
   ['request-db-noop ≥ 0.99 × no-db req/s', ratio(c, 'request-db-noop', 'no-db'), 0.99],
   ['request-db-transaction ≥ 1.0 × fastify-postgres-transact req/s', ratio(c, 'request-db-transaction', 'fastify-postgres-transact'), 1.0],
-  ['p99 request-db ≤ 1.1 × raw-pool p99', ratio(c, 'request-db', 'raw-pool', 'p99'), 1.1, 'max']
+  ['p99 request-db ≤ 1.1 × raw-pool p99', ratio(c, 'request-db', 'raw-pool', 'p99'), 1.1, 'max'],
+  ...(streams === null ? [] : [['stream-request-db ≥ 0.97 × stream-raw-pool rows/s', streamRatio(streams, 'stream-request-db'), 0.97]])
 ]
 md += `\n## Budget (${c} connections, medians of per-round ratios)\n\n| line | measured | target | met |\n|---|---:|---:|---|\n`
 for (const [line, value, target, kind] of budget) {
