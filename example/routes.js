@@ -1,5 +1,7 @@
 // Routes of the accounts example. Each handler uses request.db; the client is taken at the first
 // query and given back when the response is done, whatever happens.
+import { pipeline } from 'node:stream/promises'
+import { from as copyFrom, to as copyTo } from 'pg-copy-streams'
 
 const account = {
   type: 'object',
@@ -77,5 +79,28 @@ export async function accountRoutes (app) {
     const transfer = await request.db.query(
       'INSERT INTO transfers (from_id, to_id, amount_cents) VALUES ($1, $2, $3) RETURNING id', [from, to, amount])
     return reply.code(201).send({ id: transfer.rows[0].id, from, to, amount_cents: amount })
+  })
+
+  // CSV export and import, streamed through the request's own connection with COPY: rows flow with
+  // backpressure, never all in memory. Fastify's handlerTimeout also covers the time a streamed
+  // response takes to send, so these routes get a longer one than the app's.
+  app.get('/accounts.csv', { handlerTimeout: 600_000 }, async (request, reply) => {
+    const csv = request.db.query(copyTo('COPY (SELECT id, name, balance_cents FROM accounts ORDER BY id) TO STDOUT (FORMAT csv, HEADER)'))
+    return reply.type('text/csv').send(csv)
+  })
+
+  // The request body goes to COPY as it arrives. One transaction: a bad line (a duplicate name, a
+  // negative balance) imports nothing.
+  app.addContentTypeParser('text/csv', (request, body, done) => done(null, body))
+  app.post('/accounts.csv', { config: { db: { transaction: true } }, handlerTimeout: 600_000 }, async (request, reply) => {
+    const copy = request.db.query(copyFrom('COPY accounts (name, balance_cents) FROM STDIN (FORMAT csv, HEADER)'))
+    try {
+      await pipeline(request.body, copy)
+    } catch (err) {
+      if (err.code === '23505') return reply.code(409).send({ error: 'a name is taken', detail: err.detail })
+      if (err.code?.startsWith('22') || err.code === '23514') return reply.code(400).send({ error: 'bad CSV', detail: err.message })
+      throw err
+    }
+    return reply.code(201).send({ imported: copy.rowCount })
   })
 }

@@ -53,6 +53,19 @@ t.test('npm start\'s example: embedded database, health, accounts, transfer, cle
   t.same(after.map((a) => a.balance_cents), [97500, 50000, 2500], 'only the successful transfer moved money')
   t.equal((await json(`${base}/health`)).body.pool.leased, 1, 'health reports the pool; only its own lease held')
 
+  const exported = await fetch(`${base}/accounts.csv`)
+  t.equal(exported.status, 200)
+  t.equal(await exported.text(), 'id,name,balance_cents\n1,alice,97500\n2,bob,50000\n3,carol,2500\n', 'CSV export, streamed by COPY')
+  const importCsv = (body: string): Promise<{ status: number, body: any }> => json(`${base}/accounts.csv`, {
+    method: 'POST', headers: { 'content-type': 'text/csv' }, body
+  })
+  const imported = await importCsv('name,balance_cents\ndave,100\nerin,200\n')
+  t.same([imported.status, imported.body], [201, { imported: 2 }], 'CSV import, streamed into COPY')
+  const duplicate = await importCsv('name,balance_cents\nfrank,300\nalice,1\n')
+  t.equal(duplicate.status, 409, 'a duplicate name: 409')
+  const names = (await json(`${base}/accounts`)).body.map((a: { name: string }) => a.name)
+  t.same(names, ['alice', 'bob', 'carol', 'dave', 'erin'], 'the failed import left nothing (frank is not there)')
+
   child.kill('SIGTERM')
   t.equal(await exited, 0, 'exits 0 on SIGTERM')
   t.notOk(embeddedServers().includes(own[0]), 'no orphan postgres process')
