@@ -1,5 +1,8 @@
 import Fastify from 'fastify'
 import type { PoolClient, QueryResult } from 'pg'
+import Cursor from 'pg-cursor'
+import { to as copyTo } from 'pg-copy-streams'
+import QueryStream from 'pg-query-stream'
 import { expectAssignable, expectError, expectNotAssignable, expectType } from 'tsd'
 import requestDb, {
   type DbSession,
@@ -39,6 +42,14 @@ app.get('/', { config: { db: { transaction: true } } }, async (request) => {
   expectType<string>(rows[0].name)
   expectError(rows[0].missing)
   expectType<Promise<PoolClient>>(request.db.client())
+  // A stream comes back as itself, as from pg's client.query.
+  expectType<QueryStream>(request.db.query(new QueryStream('SELECT 1')))
+  expectType<Cursor<{ n: number }>>(request.db.query(new Cursor<{ n: number }>('SELECT 1 AS n')))
+  expectType<ReturnType<typeof copyTo>>(request.db.query(copyTo('COPY t TO STDOUT')))
+  expectError(request.db.query({ submit: 'not a function' }))
+  const face = await request.db.connect()
+  expectType<Promise<QueryResult<{ n: number }>>>(face.query<{ n: number }>('SELECT 1 AS n'))
+  expectType<void>(face.release())
   const inner = await request.db.transaction(async (tx) => {
     expectType<RequestDb>(tx)
     return 42
