@@ -163,6 +163,11 @@ export class Lease extends Session implements RequestDb {
     else if (state !== ENDED) this.watchResponse()
   }
 
+  /** The request's own logger: its lines carry the request id. */
+  protected override get logger (): FastifyBaseLogger {
+    return this.request.log
+  }
+
   /**
    * The gate's sweep, while this request holds a client: whoever asked may be gone. A client that
    * hung up (or a connectionTimeout) mid-handler, or a hijacked reply that answered by itself,
@@ -170,11 +175,6 @@ export class Lease extends Session implements RequestDb {
    * listener on every response, which cost ≈ 1 µs of CPU per request and 4 % of p99 under load
    * (real PostgreSQL, 100 connections, ten interleaved repetitions).
    */
-  /** The request's own logger: its lines carry the request id. */
-  protected override get logger (): FastifyBaseLogger {
-    return this.request.log
-  }
-
   override checkStillWanted (): void {
     if (this.state === ACTIVE && responseEnded(this.request, this.reply)) this.terminate(!this.reply.raw.writableEnded)
   }

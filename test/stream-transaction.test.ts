@@ -33,3 +33,23 @@ t.test('a transaction route streaming from its own connection commits after the 
     await waitFor(() => app.db.stats().leased === 0, 3000, 'release')
   }
 })
+
+t.test('a COMMIT that fails at the stream\'s end cuts the response short: never a complete 200', async (t) => {
+  const db = await createDatabase(t)
+  // A deferred constraint is checked at COMMIT: the insert is accepted, the COMMIT refused.
+  await db.admin.query(`CREATE TABLE parents (id int PRIMARY KEY);
+    CREATE TABLE children (parent int REFERENCES parents (id) DEFERRABLE INITIALLY DEFERRED)`)
+  const app = await buildApp(db, { max: 2 })
+  app.get('/orphan-export', { config: { db: { transaction: true } } }, async (request, reply) => {
+    await request.db.query('INSERT INTO children VALUES (42)')
+    const rows = request.db.query(new QueryStream('SELECT generate_series(1, 20000) AS i', [], { batchSize: 1000 }))
+    return reply.type('application/x-ndjson').send(rows.pipe(ndjson()))
+  })
+  const port = await listen(app)
+  const res = await timedRequest(port, '/orphan-export')
+  t.equal(res.status, 200, 'the status went out with the first rows')
+  t.notOk(res.complete, 'the body was cut short: the client can tell it failed')
+  t.ok(res.body.length > 0, `${res.body.length} bytes arrived before the cut`)
+  t.equal((await db.admin.query('SELECT count(*)::int AS n FROM children')).rows[0].n, 0, 'nothing committed')
+  await waitFor(() => app.db.stats().leased === 0, 3000, 'release')
+})
