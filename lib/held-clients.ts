@@ -1,9 +1,12 @@
-import type { FastifyBaseLogger } from 'fastify'
+import type { FastifyBaseLogger, FastifyRequest } from 'fastify'
 import type { PoolClient } from 'pg'
+import { releaseChannel } from './observability/channels.js'
 
 /** Something that holds a pool client for a while: a request's lease or an `app.db` call. */
 export interface ClientHolder {
   readonly countsAsLease: boolean
+  /** The request it is held for; null for `app.db` work. */
+  readonly request: FastifyRequest | null
   /** The connection reported an error while held: it must not be reused. */
   connectionFailed (err: Error): void
   /** Shutdown's last resort: cancel what runs and give the client back now. */
@@ -21,6 +24,8 @@ class ClientRecord {
   holder: ClientHolder | null = null
   /** The connection closed while held: the record goes when the holder gives it back. */
   ended = false
+  /** When the holder took it (performance.now()); only kept while the release channel is watched. */
+  since = 0
 }
 
 /**
@@ -55,15 +60,24 @@ export class HeldClients {
     let record = this.records.get(client)
     if (record === undefined) record = this.watch(client)
     record.holder = holder
+    if (releaseChannel.hasSubscribers) record.since = performance.now()
     this.count++
     if (holder.countsAsLease) this.leased++
     this.armSweep()
   }
 
-  /** `holder` gives `client` back. Counted once however often; a null holder never held it. */
-  letGo (holder: ClientHolder | null, client: PoolClient): void {
+  /**
+   * `holder` gives `client` back. Counted once however often; a null holder never held it.
+   * Returns how long it was held in ms, where that was recorded (see ClientRecord.since), else 0.
+   */
+  letGo (holder: ClientHolder | null, client: PoolClient): number {
     const record = this.records.get(client)
+    let heldMs = 0
     if (holder !== null && record !== undefined && record.holder === holder) {
+      if (record.since !== 0) {
+        heldMs = performance.now() - record.since
+        record.since = 0
+      }
       record.holder = null
       this.count--
       if (holder.countsAsLease) this.leased--
@@ -71,6 +85,7 @@ export class HeldClients {
     }
     // Resolves a promise: its waiter runs after the caller has handed the client to the pool.
     if (this.drained !== null && this.count === 0) this.drained()
+    return heldMs
   }
 
   /** Resolves once every held client is back, or after `ms`. Returns how many were still held. */

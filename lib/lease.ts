@@ -69,7 +69,7 @@ export class Lease extends Session implements RequestDb {
   private responding = false
   /** The response's 'close' listener is on: only for a client still in use after onSend. */
   private listening = false
-  private readonly request: FastifyRequest
+  override readonly request: FastifyRequest
   private readonly reply: FastifyReply
   private poolRelease: PoolClient['release'] | undefined = undefined
   /** The request is over and its release waits for statements before it would cancel them. */
@@ -221,7 +221,7 @@ export class Lease extends Session implements RequestDb {
   }
 
   override forceRelease (): void {
-    this.markBroken('the server is shutting down')
+    this.markBroken('the server is shutting down', 'shutdown')
     this.shutdownCancel = true
     if (this.state !== ENDED) this.terminate(true)
     // A release waiting for statements to end on their own (finish) cancels them now instead; one
@@ -238,7 +238,7 @@ export class Lease extends Session implements RequestDb {
     if (client !== null && this.state === ACTIVE && !this.isBusy() && this.wouldLose() === null) {
       this.current = null
       this.state = IDLE
-      this.gate.release(this, client, true)
+      this.gate.release(this, client, true, undefined, 'failed')
       this.logger.warn({ err: this.loggable(err) },
         'fastify-request-db: a held database connection failed between statements; the next one takes a new connection')
       return

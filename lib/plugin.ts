@@ -77,7 +77,7 @@ function watchIdleClients (fastify: FastifyInstance, pool: PostgresPool, redact:
 
 /** One `SELECT 1` during registration, so ready() rejects when the database can't be reached. */
 async function checkConnection (gate: ClientGate, target: string, redact: (text: string) => string): Promise<void> {
-  const holder: ClientHolder = { countsAsLease: false, connectionFailed () {}, forceRelease () {}, checkStillWanted () {} }
+  const holder: ClientHolder = { countsAsLease: false, request: null, connectionFailed () {}, forceRelease () {}, checkStillWanted () {} }
   try {
     const client = await gate.acquire(holder)
     try {

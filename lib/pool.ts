@@ -8,6 +8,7 @@ import {
 } from './errors.js'
 import { promised, type Taken } from './checkout.js'
 import { type ClientHolder, HeldClients } from './held-clients.js'
+import { type AcquireMessage, acquireChannel, type DestroyReason, publishEnd, releaseChannel, type ReleaseMessage } from './observability/channels.js'
 import type { ResolvedOptions } from './options.js'
 import type { PostgresPool } from './postgres-pool.js'
 import { WaitQueue } from './wait-queue.js'
@@ -62,6 +63,7 @@ export class ClientGate {
    * showed up in the benchmark's profiles. `taken` may be called synchronously (closing, overloaded).
    */
   take (holder: ClientHolder, taken: Taken): void {
+    if (acquireChannel.hasSubscribers) taken = this.published(holder, taken)
     if (this.closing) {
       taken(new FST_REQUEST_DB_CLOSING())
       return
@@ -79,10 +81,30 @@ export class ClientGate {
     this.connect(holder, taken, true)
   }
 
-  /** Give a client back to the pool; `destroy` closes its connection instead of reusing it. */
-  release (holder: ClientHolder | null, client: PoolClient, destroy: boolean, poolRelease = client.release): void {
-    this.held.letGo(holder, client)
+  /**
+   * Give a client back to the pool; `destroy` closes its connection instead of reusing it, for
+   * `reason` (published on the release channel, for metrics).
+   */
+  release (holder: ClientHolder | null, client: PoolClient, destroy: boolean, poolRelease = client.release, reason: DestroyReason | null = null): void {
+    const heldMs = this.held.letGo(holder, client)
     poolRelease.call(client, destroy ? new Error('fastify-request-db: connection not reusable') : undefined)
+    if (holder !== null && releaseChannel.hasSubscribers) {
+      const message: ReleaseMessage = { pool: this.pool, request: holder.request, destroyed: destroy, reason: destroy ? reason ?? 'still-running' : null, heldMs }
+      releaseChannel.publish(message)
+    }
+  }
+
+  /** `taken`, with the checkout published on the acquire channel around it. */
+  private published (holder: ClientHolder, taken: Taken): Taken {
+    const message: AcquireMessage = { pool: this.pool, request: holder.request }
+    const started = performance.now()
+    acquireChannel.start.publish(message)
+    acquireChannel.end.publish(message)
+    return (err, client) => {
+      message.waitMs = performance.now() - started
+      publishEnd(acquireChannel, message, err)
+      taken(err, client)
+    }
   }
 
   stats (): DbStats {

@@ -1,4 +1,4 @@
-import type { FastifyBaseLogger } from 'fastify'
+import type { FastifyBaseLogger, FastifyRequest } from 'fastify'
 import type { PoolClient, QueryConfig, QueryResult, QueryResultRow, Submittable as PgSubmittable } from 'pg'
 import { requestCancel } from './cancel.js'
 import type { Taken } from './checkout.js'
@@ -10,6 +10,7 @@ import {
 } from './errors.js'
 import type { ClientHolder } from './held-clients.js'
 import { type ClientGate, isConnectionError } from './pool.js'
+import { cancelChannel, type DestroyReason, publishEnd, queryChannel, type QueryMessage } from './observability/channels.js'
 import { changesSessionState } from './session-state.js'
 import { failSubmittable, isSubmittable, type Submittable, submittableText, whenSubmittableDone } from './streams.js'
 import { runTransaction, type TransactionHost } from './transaction.js'
@@ -51,6 +52,8 @@ export const OWN = { BEGIN: OWN_BEGIN, COMMIT: OWN_COMMIT, ROLLBACK: OWN_ROLLBAC
  */
 export class Session implements ClientHolder, TransactionHost<Session>, DbSession {
   readonly countsAsLease: boolean = false
+  /** The request this session serves: none for `app.db` (a request's lease sets it). */
+  readonly request: FastifyRequest | null = null
   /** The client queries go to; null when none is held (or no longer usable). */
   protected current: PoolClient | null = null
   protected readonly gate: ClientGate
@@ -63,6 +66,7 @@ export class Session implements ClientHolder, TransactionHost<Session>, DbSessio
   /** The connection must not be used again (it failed, or was sent a cancel): why, for the error. */
   protected broken = false
   private brokenBecause = ''
+  private brokenKind: DestroyReason = 'failed'
   /** The raw client was handed to user code (request.db.client()). */
   protected rawHandedOut = false
   /** Shutdown cancelled this session's statements: their errors become FST_REQUEST_DB_CLOSING. */
@@ -107,14 +111,14 @@ export class Session implements ClientHolder, TransactionHost<Session>, DbSessio
   }
 
   rollbackFailed (rollbackError: unknown, cause: unknown): void {
-    this.markBroken('ROLLBACK failed, so the state of its transaction is unknown')
+    this.markBroken('ROLLBACK failed, so the state of its transaction is unknown', 'rollback-failed')
     this.logger.error({ err: rollbackError, cause }, 'fastify-request-db: ROLLBACK failed; the connection will be closed')
   }
 
   connectionFailed (err: Error): void {
     // pg reports one failure twice (the server's FATAL message, then the socket's end): log it once.
     if (this.broken) return
-    this.markBroken(this.wouldLose() ?? 'it failed while a statement ran')
+    this.markBroken(this.wouldLose() ?? 'it failed while a statement ran', 'failed')
     this.logger.warn({ err: this.loggable(err) }, 'fastify-request-db: a held database connection failed')
   }
 
@@ -142,8 +146,11 @@ export class Session implements ClientHolder, TransactionHost<Session>, DbSessio
     return null
   }
 
-  protected markBroken (because: string): void {
-    if (!this.broken) this.brokenBecause = because
+  protected markBroken (because: string, kind: DestroyReason): void {
+    if (!this.broken) {
+      this.brokenBecause = because
+      this.brokenKind = kind
+    }
     this.broken = true
   }
 
@@ -153,7 +160,7 @@ export class Session implements ClientHolder, TransactionHost<Session>, DbSessio
   forceRelease (): void {
     this.shutdownCancel = true
     const client = this.current
-    this.markBroken('the server is shutting down')
+    this.markBroken('the server is shutting down', 'shutdown')
     if (client !== null && this.isBusy()) this.cancel(client)
   }
 
@@ -162,7 +169,8 @@ export class Session implements ClientHolder, TransactionHost<Session>, DbSessio
     // A cancel is a signal to the backend, delivered whenever it arrives: if the statement ended
     // first, it would hit whatever that connection runs next, another request's statement. So a
     // connection that was sent one is closed, never reused.
-    this.markBroken('its statement was cancelled')
+    this.markBroken('its statement was cancelled', 'cancelled')
+    if (cancelChannel.hasSubscribers) cancelChannel.publish({ pool: this.gate.pool, request: this.request })
     void requestCancel(client as never)
   }
 
@@ -216,9 +224,11 @@ export class Session implements ClientHolder, TransactionHost<Session>, DbSessio
     }
     open.set(sub, over)
     this.pending++
+    const message = queryChannel.hasSubscribers ? this.queryStarted(sql ?? '', true) : null
     whenSubmittableDone(sub, (connectionError) => {
       if (connectionError !== null) this.statementError(connectionError)
       over()
+      if (message !== null) queryEnded(message, connectionError, undefined)
     })
     try {
       client.query(sub as never)
@@ -328,11 +338,13 @@ export class Session implements ClientHolder, TransactionHost<Session>, DbSessio
   /** Send a statement as it is, counted in flight until pg answers. */
   private run (client: PoolClient, text: string | QueryConfig, values: unknown[] | undefined, resolve: (result: any) => void, reject: (err: Error) => void): void {
     this.pending++
+    const message = queryChannel.hasSubscribers ? this.queryStarted(typeof text === 'string' ? text : text.text, false) : null
     // pg's callback form: its promise form adds two promises and a closure per statement, which
     // the benchmark's allocation count showed on every request.
     try {
       client.query(text as string, values as unknown[], (err: Error | null, result: QueryResult) => {
         this.statementEnded()
+        if (message !== null) queryEnded(message, err, result)
         if (err === null || err === undefined) {
           resolve(result)
           return
@@ -351,11 +363,18 @@ export class Session implements ClientHolder, TransactionHost<Session>, DbSessio
     if (--this.pending === 0 && this.settled !== null) this.settled()
   }
 
+  private queryStarted (text: string, streaming: boolean): QueryMessage {
+    const message: QueryMessage = { pool: this.gate.pool, request: this.request, text, streaming, startTime: performance.now() }
+    queryChannel.start.publish(message)
+    queryChannel.end.publish(message)
+    return message
+  }
+
   protected statementError (err: Error): Error {
     if (this.shutdownCancel) return new FST_REQUEST_DB_CLOSING({ cause: err })
     if (isConnectionError(err)) {
       // The statement may have run before the connection broke: it is never sent again.
-      this.markBroken(`it failed while a statement ran (${this.gate.redact(err.message)})`)
+      this.markBroken(`it failed while a statement ran (${this.gate.redact(err.message)})`, 'failed')
       return new FST_REQUEST_DB_CONNECTION_LOST(this.gate.redact(err.message), { cause: err })
     }
     return err
@@ -401,8 +420,16 @@ export class Session implements ClientHolder, TransactionHost<Session>, DbSessio
     this.transactionEnded()
     // Synchronous in the common case (nothing open, nothing changed): no promise per request.
     if (!destroy && this.transactionStatus(client) !== 'I') return this.rollBackThenRelease(client, poolRelease)
-    this.releaseClient(client, destroy, poolRelease)
+    this.releaseClient(client, destroy, poolRelease, destroy ? this.destroyReason(closeConnection) : null)
     return undefined
+  }
+
+  /** Why the connection is closed rather than reused (for the release channel's metrics). */
+  private destroyReason (closeConnection: boolean): DestroyReason {
+    if (this.broken) return this.brokenKind
+    if (closeConnection || this.rawHandedOut) return 'raw-client'
+    if (this.dirty) return 'session-changed'
+    return 'still-running'
   }
 
   private async rollBackThenRelease (client: PoolClient, poolRelease?: PoolClient['release']): Promise<void> {
@@ -412,12 +439,12 @@ export class Session implements ClientHolder, TransactionHost<Session>, DbSessio
     } catch {
       destroy = true
     }
-    this.releaseClient(client, destroy, poolRelease)
+    this.releaseClient(client, destroy, poolRelease, destroy ? 'rollback-failed' : null)
   }
 
-  private releaseClient (client: PoolClient, destroy: boolean, poolRelease?: PoolClient['release']): void {
+  private releaseClient (client: PoolClient, destroy: boolean, poolRelease: PoolClient['release'] | undefined, reason: DestroyReason | null): void {
     try {
-      this.gate.release(this, client, destroy, poolRelease)
+      this.gate.release(this, client, destroy, poolRelease, reason)
     } catch (err) {
       this.logger.error({ err }, 'fastify-request-db: giving a client back failed')
     }
@@ -439,4 +466,14 @@ export function notCommitted (result: QueryResult): Error | null {
   return result.command === 'ROLLBACK'
     ? new FST_REQUEST_DB_COMMIT_FAILED('a statement in the transaction failed, so it was rolled back')
     : null
+}
+
+/** Publish a statement's end on the query channel. */
+function queryEnded (message: QueryMessage, err: Error | null | undefined, result: QueryResult | undefined): void {
+  message.durationMs = performance.now() - (message.startTime as number)
+  if (result !== undefined && result !== null) {
+    message.command = result.command
+    message.rowCount = result.rowCount
+  }
+  publishEnd(queryChannel, message, err)
 }
