@@ -60,6 +60,6 @@ export function requestCancel (client: CancellableClient, giveUpMs = GIVE_UP_MS)
     // the close would only be seen at the give-up: read and drop whatever comes.
     socket.resume()
     socket.once('close', done)
-    socket.once('error', done)
+    socket.on('error', done)
   })
 }

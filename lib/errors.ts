@@ -44,11 +44,11 @@ export const FST_REQUEST_DB_UNAVAILABLE = createError<'FST_REQUEST_DB_UNAVAILABL
 )
 
 /**
- * The connection this request (or `app.db` call) held broke. A statement in flight when it broke may
- * or may not have run, and is never sent again. When the request had set nothing that lives on the
- * connection, its next statement quietly takes a new one; otherwise (an open transaction, SET,
- * temp tables, locks, the raw client, …) every later use fails with this, since going on over a new
- * connection would run without that state. 503.
+ * The connection this request (or `app.db` call) held broke. A statement in flight when it broke
+ * fails with this; it may or may not have run, is never sent again, and every later use fails too.
+ * A connection that broke between statements of a request that had set nothing living on it is
+ * replaced quietly; otherwise (an open transaction, SET, temp tables, locks, the raw client, …)
+ * every later use fails with this, since a new connection would run without that state. 503.
  */
 export const FST_REQUEST_DB_CONNECTION_LOST = createError<'FST_REQUEST_DB_CONNECTION_LOST', 503, [reason: string, options?: Cause]>(
   'FST_REQUEST_DB_CONNECTION_LOST',

@@ -52,8 +52,9 @@ export function addRequestHooks (fastify: FastifyInstance, gate: ClientGate): vo
   // their COMMIT (the @fastify/postgres trap).
   fastify.addHook('onSend', function commitAndRelease (request: WithLease, reply: FastifyReply, payload: unknown, done: (err: Error | null, payload?: unknown) => void) {
     const lease = request[kLease]
-    // A stream on a transaction route commits at its end, not here (Lease.settleAtStreamEnd).
-    if (lease !== undefined && isStream(payload) && lease.isTransactionRoute()) {
+    // A stream on a transaction route commits at its end, not here (Lease.settleAtStreamEnd); but
+    // Fastify sends no body for a 204, a 304 or a HEAD, and only drains the stream: that commits here.
+    if (lease !== undefined && isStream(payload) && sendsBody(request, reply.statusCode) && lease.isTransactionRoute()) {
       done(null, lease.settleAtStreamEnd(payload as Readable, reply.statusCode))
       return
     }
@@ -85,4 +86,8 @@ export function addRequestHooks (fastify: FastifyInstance, gate: ClientGate): vo
       }
     })
   })
+}
+
+function sendsBody (request: FastifyRequest, status: number): boolean {
+  return status !== 204 && status !== 304 && status >= 200 && request.method !== 'HEAD'
 }

@@ -6,7 +6,6 @@ import { FST_REQUEST_DB_CLOSING, FST_REQUEST_DB_COMMIT_FAILED, FST_REQUEST_DB_RE
 import type { ClientGate } from './pool.js'
 import { connectionGone, isStream, responseEnded } from './response-state.js'
 import { CANCEL_GRACE_MS, type DbSession, notCommitted, OWN, Session } from './session.js'
-import { closeCursor, cutConnection, type Submittable } from './streams.js'
 
 /**
  * What `request.db.connect()` resolves to: the request's connection in the shape of a pg-pool
@@ -37,9 +36,6 @@ export interface RouteDbConfig {
   /** Run the whole request in one transaction: committed before the response if it succeeded. */
   transaction?: boolean
 }
-
-// How long a stream being stopped may take before its connection is closed under it.
-const STOP_STREAM_MS = 1000
 
 const IDLE = 0
 const ACQUIRING = 1
@@ -186,6 +182,14 @@ export class Lease extends Session implements RequestDb {
    * promise.
    */
   settleThenRelease (statusCode: number, payload: unknown, then: (err: Error | null) => void): void {
+    const client = this.current
+    if (client !== null && this.openStreams !== null && this.openStreams.size > 0) {
+      // A cursor the handler left open holds back anything sent after it, COMMIT included: nobody
+      // will read it once the response is ready, so it is stopped first (else a hang).
+      this.settling = true
+      void this.stopStreams(client).then(() => this.settleThenRelease(statusCode, payload, then))
+      return
+    }
     this.settle(statusCode, (err) => {
       // From here onSend answers synchronously (no timer can fire before it writes).
       this.settling = false
@@ -235,7 +239,7 @@ export class Lease extends Session implements RequestDb {
     // dead connection, and the next statement quietly takes a new one, which serves it exactly as
     // the old would have. Anything else and every later use fails with CONNECTION_LOST: a new
     // connection would run without the request's transaction, role, search_path, locks, temp tables.
-    if (client !== null && this.state === ACTIVE && !this.isBusy() && this.wouldLose() === null) {
+    if (client !== null && this.state === ACTIVE && !this.broken && !this.isBusy() && this.wouldLose() === null) {
       this.current = null
       this.state = IDLE
       this.gate.release(this, client, true, undefined, 'failed')
@@ -371,24 +375,6 @@ export class Lease extends Session implements RequestDb {
       await this.whenSettled(CANCEL_GRACE_MS)
     }
     await this.giveBack(client, this.rawHandedOut, this.poolRelease)
-  }
-
-  /**
-   * Stop streams nobody will read: a cursor closes its portal (the statement ends on the server and
-   * the connection stays reusable); anything else, or a cursor that does not close in time, loses
-   * the connection. Its backend may be blocked writing rows to a socket nobody reads, which a
-   * CancelRequest does not reach, so the socket is closed too; the cancel stops work that had not
-   * reached the socket yet.
-   */
-  private async stopStreams (client: PoolClient): Promise<void> {
-    const streams = this.openStreams as Map<Submittable, () => void>
-    let cursors = 0
-    for (const sub of streams.keys()) if (closeCursor(sub)) cursors++
-    if (cursors > 0) await this.whenSettled(STOP_STREAM_MS)
-    if (streams.size === 0) return
-    this.cancel(client)
-    cutConnection(client)
-    this.forgetStreams()
   }
 
   private handlerTimedOut (): void {

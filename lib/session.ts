@@ -12,7 +12,7 @@ import type { ClientHolder } from './held-clients.js'
 import { type ClientGate, isConnectionError } from './pool.js'
 import { cancelChannel, type DestroyReason, publishEnd, queryChannel, type QueryMessage } from './observability/channels.js'
 import { changesSessionState } from './session-state.js'
-import { failSubmittable, isSubmittable, type Submittable, submittableText, whenSubmittableDone } from './streams.js'
+import { cutConnection, failSubmittable, isSubmittable, type Submittable, submittableText, tryCloseCursor, whenSubmittableDone } from './streams.js'
 import { runTransaction, type TransactionHost } from './transaction.js'
 import { savepointName, type TransactionStatement, transactionStatement } from './transaction-control.js'
 
@@ -33,6 +33,9 @@ export interface DbSession {
 
 // How long a cancelled statement may take to stop before its connection is closed instead.
 export const CANCEL_GRACE_MS = 2000
+
+// How long a stream being stopped may take before its connection is closed under it.
+const STOP_STREAM_MS = 1000
 
 // Statements of the plugin's own (BEGIN/COMMIT of a transaction it runs, savepoints): sent as they
 // are, never read as a user's transaction statement (transaction-control.ts).
@@ -57,7 +60,7 @@ export class Session implements ClientHolder, TransactionHost<Session>, DbSessio
   /** The client queries go to; null when none is held (or no longer usable). */
   protected current: PoolClient | null = null
   protected readonly gate: ClientGate
-  txDepth = 0
+  private depth = 0
   protected pending = 0
   /** A statement changed the session (SET, temp table, lock…): the connection is closed, not reused. */
   protected dirty = false
@@ -85,6 +88,24 @@ export class Session implements ClientHolder, TransactionHost<Session>, DbSessio
     return this
   }
 
+  /**
+   * Transactions and savepoints open on the connection. Set by runTransaction and the route's
+   * transaction as well as by statements: a level closed by either takes with it every level a
+   * statement opened inside it.
+   */
+  get txDepth (): number {
+    return this.depth
+  }
+
+  set txDepth (depth: number) {
+    this.depth = depth
+    const levels = this.plainLevels
+    if (levels !== null) {
+      while (levels.length > 0 && levels[levels.length - 1] > depth) levels.pop()
+      if (levels.length === 0) this.plainLevels = null
+    }
+  }
+
   query<S extends PgSubmittable> (stream: S): S
   query<R extends QueryResultRow = any, V extends unknown[] = unknown[]> (text: string | QueryConfig<V>, values?: V): Promise<QueryResult<R>>
   query (text: string | QueryConfig | PgSubmittable, values?: unknown[]): Promise<QueryResult> | PgSubmittable {
@@ -99,6 +120,11 @@ export class Session implements ClientHolder, TransactionHost<Session>, DbSessio
   }
 
   async control (sql: string): Promise<void> {
+    // A cursor left open inside transaction(fn) would hold its COMMIT back for ever (pg queues
+    // every statement behind an open portal); fn is over, so nobody will read it.
+    if (sql !== 'BEGIN' && !sql.startsWith('SAVEPOINT') && this.current !== null && this.openStreams !== null && this.openStreams.size > 0) {
+      await this.stopStreams(this.current)
+    }
     const result = await this.query(sql === 'BEGIN' ? OWN_BEGIN : sql === 'COMMIT' ? OWN_COMMIT : own(sql))
     const notDone = sql === 'COMMIT' ? notCommitted(result) : null
     if (notDone !== null) throw notDone
@@ -106,7 +132,7 @@ export class Session implements ClientHolder, TransactionHost<Session>, DbSessio
 
   /** Forget every open level: the transaction ended as a whole (route COMMIT/ROLLBACK, release). */
   protected transactionEnded (): void {
-    this.txDepth = 0
+    this.depth = 0
     this.plainLevels = null
   }
 
@@ -139,7 +165,10 @@ export class Session implements ClientHolder, TransactionHost<Session>, DbSessio
    * the login role, no lock, no temp table — another tenant's rows, or a lock it no longer holds.)
    */
   protected wouldLose (): string | null {
-    if (this.txDepth > 0) return 'a transaction was open, and its work is gone'
+    // Also the server's own word (its last ReadyForQuery): a BEGIN inside a multi-statement text,
+    // or COMMIT AND CHAIN, opens a transaction the books may not show.
+    const status = this.current?.getTransactionStatus?.()
+    if (this.depth > 0 || status === 'T' || status === 'E') return 'a transaction was open, and its work is gone'
     if (this.rawHandedOut) return 'request.db.client() was in use, so what it changed is unknown'
     if (this.dirty) return 'the session had been changed (SET, set_config, a role, a lock, a temporary table, LISTEN, PREPARE or a cursor), and a new connection would run without it'
     if (this.namedStatements) return 'it had named prepared statements'
@@ -170,8 +199,27 @@ export class Session implements ClientHolder, TransactionHost<Session>, DbSessio
     // first, it would hit whatever that connection runs next, another request's statement. So a
     // connection that was sent one is closed, never reused.
     this.markBroken('its statement was cancelled', 'cancelled')
+    this.quietStreams()
     if (cancelChannel.hasSubscribers) cancelChannel.publish({ pool: this.gate.pool, request: this.request })
     void requestCancel(client as never)
+  }
+
+  /**
+   * Stop streams nobody will read: a cursor closes its portal (the statement ends on the server and
+   * the connection stays reusable); anything else, or a cursor that does not close in time, loses
+   * the connection. Its backend may be blocked writing rows to a socket nobody reads, which a
+   * CancelRequest does not reach, so the socket is closed too; the cancel stops work that had not
+   * reached the socket yet.
+   */
+  protected async stopStreams (client: PoolClient): Promise<void> {
+    const streams = this.openStreams as Map<Submittable, () => void>
+    let cursors = 0
+    for (const sub of streams.keys()) if (tryCloseCursor(sub)) cursors++
+    if (cursors > 0) await this.whenSettled(STOP_STREAM_MS)
+    if (streams.size === 0) return
+    this.cancel(client)
+    cutConnection(client)
+    this.forgetStreams()
   }
 
   /** Take a client now (for `app.db`). */
@@ -238,6 +286,21 @@ export class Session implements ClientHolder, TransactionHost<Session>, DbSessio
     }
   }
 
+  /**
+   * The plugin is about to fail the open streams itself (a cancel, a cut connection): a stream
+   * nobody listens to for errors (`rows.pipe(out)` leaves its source unwatched) would crash the
+   * process with the error we cause. Logged instead.
+   */
+  protected quietStreams (): void {
+    if (this.openStreams === null) return
+    for (const sub of this.openStreams.keys()) {
+      const stream = sub as unknown as { listenerCount?: (event: string) => number, on?: (event: string, fn: (err: Error) => void) => void }
+      if (typeof stream.on === 'function' && stream.listenerCount?.('error') === 0) {
+        stream.on('error', (err) => this.logger.debug({ err: this.loggable(err) }, 'fastify-request-db: a stream was stopped'))
+      }
+    }
+  }
+
   /** The connection was cut under its streams: none of them will hear from it again. */
   protected forgetStreams (): void {
     if (this.openStreams !== null) for (const over of [...this.openStreams.values()]) over()
@@ -268,13 +331,30 @@ export class Session implements ClientHolder, TransactionHost<Session>, DbSessio
         this.run(client, text, undefined, resolve, reject)
         return
       }
-      sql = text.text
+      // pg takes { name } alone to run a statement already prepared on the connection.
+      sql = text.text ?? ''
       if (text.name !== undefined) this.namedStatements = true
     }
     if (!this.dirty && changesSessionState(sql)) this.dirty = true
     const kind = transactionStatement(sql)
     if (kind !== null) this.runTransactionStatement(client, kind, text, values, resolve, reject)
+    else if (this.depth > 0) this.run(client, text, values, (result) => this.stillInTransaction(client, result, resolve, reject), reject)
     else this.run(client, text, values, resolve, reject)
+  }
+
+  /**
+   * Inside a transaction, a statement that is not a transaction statement must leave it open. One
+   * that ended it ('…; COMMIT' in one text, a function that commits) took the route's or
+   * transaction()'s work with it: what follows would run outside any transaction, so the
+   * connection is given up and the request fails, never answering as if all of it were atomic.
+   */
+  private stillInTransaction (client: PoolClient, result: unknown, resolve: (result: any) => void, reject: (err: Error) => void): void {
+    if (client.getTransactionStatus?.() !== 'I') {
+      resolve(result)
+      return
+    }
+    this.markBroken('a statement ended the transaction it ran in', 'failed')
+    reject(new FST_REQUEST_DB_TRANSACTION_STATEMENT('a statement ended the transaction it ran in (a COMMIT or ROLLBACK inside a multi-statement text?): what followed would not be part of it'))
   }
 
   /**
@@ -299,16 +379,26 @@ export class Session implements ClientHolder, TransactionHost<Session>, DbSessio
         sql = `SAVEPOINT ${savepointName(depth)}`
       }
     } else {
-      after = depth === 0 ? 0 : depth - 1
+      // AND CHAIN ends the transaction and opens the next one at once: the depth stays.
+      after = depth === 0 || kind === 'end-with-options' ? depth : depth - 1
       if (depth > 0 && !ownsLevel) {
         reject(new FST_REQUEST_DB_TRANSACTION_STATEMENT(`${kind === 'rollback' ? 'ROLLBACK' : 'COMMIT'} would end a transaction it did not begin (the route's, or transaction()'s): return to commit it, throw to roll it back`))
         return
       }
       if (depth > 1) {
         const name = savepointName(depth - 1)
-        if (kind === 'commit') sql = `RELEASE SAVEPOINT ${name}`
-        else if (kind === 'rollback') sql = `ROLLBACK TO SAVEPOINT ${name}; RELEASE SAVEPOINT ${name}`
-        else {
+        if (kind === 'commit') {
+          sql = `RELEASE SAVEPOINT ${name}`
+        } else if (kind === 'rollback') {
+          // Two statements, one at a time: sent as one text, pg would answer with an array.
+          this.run(client, `ROLLBACK TO SAVEPOINT ${name}`, undefined, () => {
+            this.run(client, `RELEASE SAVEPOINT ${name}`, undefined, (result) => {
+              this.levelSet(after)
+              resolve(result)
+            }, reject)
+          }, reject)
+          return
+        } else {
           reject(new FST_REQUEST_DB_TRANSACTION_STATEMENT('AND CHAIN inside a nested transaction'))
           return
         }
@@ -316,22 +406,18 @@ export class Session implements ClientHolder, TransactionHost<Session>, DbSessio
     }
     const sentAsIs = sql === null
     this.run(client, sentAsIs ? text : sql as string, sentAsIs ? values : undefined, (result) => {
-      this.levelChanged(after)
+      this.levelSet(after)
       resolve(result)
     }, (err) => {
       // A failed COMMIT or ROLLBACK of a real transaction ends it all the same (the server rolls back).
-      if (sentAsIs && after < depth) this.levelChanged(after)
+      if (sentAsIs && after < depth) this.levelSet(after)
       reject(err)
     })
   }
 
-  private levelChanged (depth: number): void {
-    if (depth === 0) {
-      this.transactionEnded()
-      return
-    }
-    if (depth > this.txDepth) (this.plainLevels ??= []).push(depth)
-    else this.plainLevels?.pop()
+  /** A transaction statement moved the books to `depth` (one level up, or down to it). */
+  private levelSet (depth: number): void {
+    if (depth > this.depth) (this.plainLevels ??= []).push(depth)
     this.txDepth = depth
   }
 

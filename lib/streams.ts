@@ -69,7 +69,7 @@ export function failSubmittable (sub: Submittable, err: Error): void {
  * others (COPY): their backend may be blocked writing to a socket nobody reads, which neither a
  * CancelRequest nor anything else sent on the connection can reach; only closing it does.
  */
-export function closeCursor (sub: Submittable): boolean {
+export function tryCloseCursor (sub: Submittable): boolean {
   const cursor = typeof sub.close === 'function' ? sub : sub.cursor
   if (cursor === undefined || typeof cursor.close !== 'function') return false
   cursor.close(() => {})

@@ -31,7 +31,8 @@ export function transactionStatement (sql: string): TransactionStatement | null 
   if (verb === 'begin' || verb.startsWith('start')) return rest === '' ? 'begin' : 'begin-with-options'
   // ROLLBACK TO SAVEPOINT and the two-phase … PREPARED forms are not about this transaction's end.
   if (rest.startsWith('to ') || rest.startsWith('prepared')) return null
-  if (rest !== '') return 'end-with-options'
+  // AND NO CHAIN is the default spelled out; AND CHAIN opens the next transaction at once.
+  if (rest !== '' && !/^and\s+no\s+chain$/.test(rest)) return 'end-with-options'
   return verb === 'commit' || verb === 'end' ? 'commit' : 'rollback'
 }
 

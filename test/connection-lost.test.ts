@@ -46,6 +46,8 @@ const cases = (reader: string): Case[] => [
     setUp: (r) => r.db.query({ name: 'tenant_secret', text: 'SELECT secret FROM tenant_a.secrets' }),
     read: { name: 'tenant_secret', text: 'SELECT secret FROM tenant_a.secrets' }
   },
+  { name: 'BEGIN inside a multi-statement text', setUp: (r) => r.db.query("BEGIN; INSERT INTO writes VALUES ('multi')"), read: "INSERT INTO writes VALUES ('multi, after the kill') RETURNING v", leak: /after the kill/ },
+  { name: 'COMMIT AND CHAIN', setUp: async (r) => { await r.db.query('BEGIN'); await r.db.query('COMMIT AND CHAIN') }, read: "INSERT INTO writes VALUES ('chained, after the kill') RETURNING v", leak: /after the kill/ },
   {
     name: 'request.db.client()',
     setUp: async (r) => (await r.db.client()).query('SET search_path TO tenant_a, public'),

@@ -1,6 +1,7 @@
 // Streams on the request's own connection (pg-query-stream, pg-cursor, pg-copy-streams): the
 // connection goes back to the pool when they end, a stream the HTTP client walks away from stops
 // the backend's work within about a second, and memory stays flat however many rows go by.
+import { PassThrough } from 'node:stream'
 import { pipeline } from 'node:stream/promises'
 import Cursor from 'pg-cursor'
 import { from as copyFrom, to as copyTo } from 'pg-copy-streams'
@@ -102,21 +103,23 @@ t.test('streams nobody reads any more stop within about a second, and the lease 
   const port = await listen(app)
 
   for (const [path, marker, keepsConnection] of [[`/rows?rows=${BIG}`, 'generate_series', true], [`/export.csv?rows=${BIG}`, 'COPY', false]] as const) {
-    const before = JSON.parse((await get(port, '/plain')).body).pid
-    t.equal(await readThenHangUp(port, path, 256 * 1024), 200, `${path}: answered 200, then the client walked away`)
+    const { status, firstLine } = await readThenHangUp(port, path, 256 * 1024)
+    t.equal(status, 200, `${path}: answered 200, then the client walked away`)
+    // Both routes put the serving backend's pid in every row.
+    const served = keepsConnection ? JSON.parse(firstLine).pid : Number(firstLine.split(',')[1])
     const started = Date.now()
     await waitFor(async () => (await activeWith(db, marker)) === 0, 3000, `${path}: the backend to stop`)
     const ms = Date.now() - started
     t.ok(ms < 1500, `${path}: the backend stopped ${ms} ms after the hang-up`)
     await waitFor(() => app.db.stats().leased === 0, 3000, 'release')
     const pids = new Set((await appBackends(db)).map((b) => b.pid))
-    if (keepsConnection) t.ok(pids.has(before), `${path}: the cursor was closed and its connection kept`)
-    else t.notOk(pids.has(before) && (await activeWith(db, marker)) > 0, `${path}: the stalled COPY's connection was closed`)
+    if (keepsConnection) t.ok(pids.has(served), `${path}: the cursor was closed and its connection (${served}) kept`)
+    else t.notOk(pids.has(served), `${path}: the stalled COPY's connection (${served}) was closed`)
     t.equal(JSON.parse((await get(port, '/plain')).body).pid > 0, true, 'the next request is served')
   }
 
   await t.test('in a route transaction: rolled back', async (t) => {
-    t.equal(await readThenHangUp(port, '/export-in-transaction', 256 * 1024), 200)
+    t.equal((await readThenHangUp(port, '/export-in-transaction', 256 * 1024)).status, 200)
     const started = Date.now()
     await waitFor(async () => (await activeWith(db, 'generate_series')) === 0, 3000, 'the backend to stop')
     t.ok(Date.now() - started < 1500, `the backend stopped ${Date.now() - started} ms after the hang-up`)
@@ -148,4 +151,61 @@ t.test('1,000,000 rows streamed: memory stays flat', { timeout: 120_000 }, async
   const grew = (peak - before) / 1048576
   t.ok(grew < 50, `RSS grew ${grew.toFixed(1)} MB at its peak (limit 50)`)
   await waitFor(() => app.db.stats().leased === 0, 3000, 'release')
+})
+
+t.test('streams the plugin stops never crash the process, and cursors left open never hang a transaction', async (t) => {
+  const db = await createDatabase(t)
+  await db.admin.query('CREATE TABLE marks (v text)')
+  const app = await buildApp(db, { max: 2, abortGraceMs: 0 }, { handlerTimeout: 300 })
+  const route = { config: { db: { transaction: true } } }
+  // .pipe() leaves the source without an 'error' listener: the plugin's cancel must not crash us.
+  app.get('/outlives-handler-timeout', async (request, reply) => {
+    const rows = request.db.query(new QueryStream('SELECT generate_series(1, 100000000) AS i, pg_sleep(0.001)', [], { batchSize: 100 }))
+    return reply.send(rows.pipe(ndjson()))
+  })
+  app.get('/copy-piped', { handlerTimeout: 60_000 }, async (request, reply) => {
+    const csv = request.db.query(copyTo(`COPY (SELECT generate_series(1, ${BIG})) TO STDOUT`))
+    return reply.type('text/csv').send(csv.pipe(new PassThrough()))
+  })
+  app.get('/cursor-left-open', route, async (request) => {
+    await request.db.query("INSERT INTO marks VALUES ('route')")
+    const cursor = request.db.query(new Cursor('SELECT generate_series(1, 1000) AS i'))
+    return { first: (await cursor.read(3)).map((r: { i: number }) => r.i) }
+  })
+  app.get('/cursor-then-throw', route, async (request) => {
+    await request.db.query("INSERT INTO marks VALUES ('thrown')")
+    const cursor = request.db.query(new Cursor('SELECT generate_series(1, 1000) AS i'))
+    await cursor.read(3)
+    throw new Error('between read and close')
+  })
+  app.get('/cursor-in-transaction-fn', { handlerTimeout: 60_000 }, async (request) => request.db.transaction(async (tx) => {
+    await tx.query("INSERT INTO marks VALUES ('fn')")
+    const cursor = tx.query(new Cursor('SELECT generate_series(1, 1000) AS i'))
+    return (await cursor.read(2)).length
+  }))
+  app.get('/no-content', { ...route, handlerTimeout: 60_000 }, async (request, reply) => {
+    await request.db.query("INSERT INTO marks VALUES ('204')")
+    return reply.code(204).send(request.db.query(new QueryStream('SELECT generate_series(1, 10) AS i')).pipe(ndjson()))
+  })
+  app.get('/name-alone', async (request) => request.db.query({ name: 'never-prepared' } as never))
+  const port = await listen(app)
+
+  const timedOut = await timedRequest(port, '/outlives-handler-timeout', { keep: false })
+  // Whether the 503 or a cut-short body, the statement was cancelled under an unwatched stream.
+  t.ok(timedOut.status === 503 || !timedOut.complete, `handlerTimeout answered (${timedOut.status}, complete: ${timedOut.complete}), and the process is still here`)
+  await waitFor(() => app.db.stats().leased === 0, 3000, 'release after the handler timeout')
+  t.equal((await readThenHangUp(port, '/copy-piped', 64 * 1024)).status, 200)
+  await waitFor(() => app.db.stats().leased === 0, 3000, 'release after the piped COPY was abandoned')
+
+  const open = await timedRequest(port, '/cursor-left-open')
+  t.equal(open.status, 200, open.body)
+  t.same(JSON.parse(open.body), { first: [1, 2, 3] })
+  t.equal((await timedRequest(port, '/cursor-then-throw')).status, 500)
+  t.equal((await timedRequest(port, '/cursor-in-transaction-fn')).body, '2')
+  t.equal((await timedRequest(port, '/no-content')).status, 204)
+  const named = await timedRequest(port, '/name-alone')
+  t.ok(named.status === 200 || named.status === 500, `a { name } with no text goes to pg as it is (${named.status}): no crash, no hang`)
+  await waitFor(() => app.db.stats().leased === 0, 3000, 'release')
+  const marks = (await db.admin.query('SELECT v FROM marks ORDER BY v')).rows.map((r) => r.v)
+  t.same(marks, ['204', 'fn', 'route'], 'the routes that succeeded committed; the one that threw did not')
 })

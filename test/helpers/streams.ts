@@ -64,16 +64,18 @@ export function timedRequest (port: number, path: string, options: { method?: st
   })
 }
 
-/** GET, read until `bytes` have arrived, then hang up. Resolves with the status once it has. */
-export function readThenHangUp (port: number, path: string, bytes: number): Promise<number> {
+/** GET, read until `bytes` have arrived, then hang up. Resolves with the status and first line. */
+export function readThenHangUp (port: number, path: string, bytes: number): Promise<{ status: number, firstLine: string }> {
   return new Promise((resolve, reject) => {
     const req = httpRequest({ port, host: '127.0.0.1', path, agent: false }, (res) => {
       let seen = 0
+      let first = ''
       res.on('data', (c: Buffer) => {
+        if (seen === 0) first = c.toString().split('\n')[0]
         seen += c.length
         if (seen >= bytes) {
           req.destroy()
-          resolve(res.statusCode ?? 0)
+          resolve({ status: res.statusCode ?? 0, firstLine: first })
         }
       })
       res.on('end', () => reject(new Error(`the body ended after ${seen} bytes, before the hang-up`)))
