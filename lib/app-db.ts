@@ -8,6 +8,8 @@ import { isSubmittable } from './streams.js'
 export interface AppDb {
   /** The one pool of the app. */
   readonly pool: PostgresPool
+  /** `host:port/database`, never the password: the pool's name in logs and metrics. */
+  readonly name: string
   /** Run one statement on a pool client. */
   query<R extends QueryResultRow = any, V extends unknown[] = unknown[]> (
     text: string | QueryConfig<V>, values?: V
@@ -19,10 +21,12 @@ export interface AppDb {
 }
 
 export class AppDatabase implements AppDb {
+  readonly name: string
   private readonly gate: ClientGate
 
-  constructor (gate: ClientGate) {
+  constructor (gate: ClientGate, name: string) {
     this.gate = gate
+    this.name = name
   }
 
   get pool (): PostgresPool {

@@ -21,7 +21,7 @@ export async function requestDbPlugin (fastify: FastifyInstance, options: Reques
   watchIdleClients(fastify, pool, redact)
   await checkConnection(gate, resolved.target, redact)
 
-  fastify.decorate('db', new AppDatabase(gate))
+  fastify.decorate('db', new AppDatabase(gate, resolved.target))
   // request.db, and the hooks that hand it out and give its client back.
   addRequestHooks(fastify, gate)
   // Added after @fastify/postgres registered: onClose hooks run last-added first, so this one
