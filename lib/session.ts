@@ -1,5 +1,5 @@
 import type { FastifyBaseLogger } from 'fastify'
-import type { PoolClient, QueryConfig, QueryResult, QueryResultRow } from 'pg'
+import type { Submittable as PgSubmittable, PoolClient, QueryConfig, QueryResult, QueryResultRow } from 'pg'
 import { requestCancel } from './cancel.js'
 import type { Taken } from './checkout.js'
 import {
@@ -20,8 +20,10 @@ export interface DbSession {
   /**
    * Stream a statement's rows on this connection: pass a pg "submittable" (pg-query-stream,
    * pg-cursor, pg-copy-streams' copyTo/copyFrom) and get it back, as pg's `client.query` does.
+   * Typed with pg's own `Submittable`, as pg's `client.query` is: pg-query-stream declares its
+   * handlers as `Function`, which a stricter shape would refuse.
    */
-  query<S extends Submittable> (stream: S): S
+  query<S extends PgSubmittable> (stream: S): S
   /** Run a statement; rows are typed by the generic. */
   query<R extends QueryResultRow = any, V extends unknown[] = unknown[]> (
     text: string | QueryConfig<V>, values?: V
@@ -81,9 +83,9 @@ export class Session implements ClientHolder, TransactionHost<Session>, DbSessio
     return this
   }
 
-  query<S extends Submittable> (stream: S): S
+  query<S extends PgSubmittable> (stream: S): S
   query<R extends QueryResultRow = any, V extends unknown[] = unknown[]> (text: string | QueryConfig<V>, values?: V): Promise<QueryResult<R>>
-  query (text: string | QueryConfig | Submittable, values?: unknown[]): Promise<QueryResult> | Submittable {
+  query (text: string | QueryConfig | PgSubmittable, values?: unknown[]): Promise<QueryResult> | Submittable {
     if (typeof text === 'object' && isSubmittable(text)) return this.submit(text)
     const client = this.current
     if (client === null) return this.queryWithoutClient(text as string | QueryConfig, values)

@@ -1,5 +1,7 @@
 import Fastify from 'fastify'
 import type { PoolClient, QueryResult } from 'pg'
+import Cursor from 'pg-cursor'
+import QueryStream from 'pg-query-stream'
 import { expectAssignable, expectError, expectNotAssignable, expectType } from 'tsd'
 import requestDb, {
   type DbSession,
@@ -39,6 +41,9 @@ app.get('/', { config: { db: { transaction: true } } }, async (request) => {
   expectType<string>(rows[0].name)
   expectError(rows[0].missing)
   expectType<Promise<PoolClient>>(request.db.client())
+  // Streams come back as they went in (pg-query-stream types its handlers as Function).
+  expectType<QueryStream>(request.db.query(new QueryStream('SELECT 1')))
+  expectType<Cursor>(request.db.query(new Cursor('SELECT 1')))
   const inner = await request.db.transaction(async (tx) => {
     expectType<RequestDb>(tx)
     return 42
