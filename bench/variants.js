@@ -2,9 +2,14 @@
 // GET /q?n=… route answers { n } from PostgreSQL (or, for the ceilings, without it). Listed in
 // the order they run: each variant of this plugin right after the anchor its budget line uses.
 import fastifyPostgres from '@fastify/postgres'
+import { sql as drizzleSql } from 'drizzle-orm'
+import { drizzle } from 'drizzle-orm/node-postgres'
 import Fastify from 'fastify'
+import { Kysely, PostgresDialect, sql } from 'kysely'
 import pg from 'pg'
 import requestDb from 'fastify-request-db'
+import { createDrizzle } from 'fastify-request-db/drizzle'
+import requestKysely from 'fastify-request-db/kysely'
 
 const MAX = 10
 const ONE = 'SELECT $1::int AS n'
@@ -131,6 +136,50 @@ export const variants = {
         await request.db.query(ONE, [n + 1])
         return (await request.db.query(ONE, [n])).rows[0]
       })
+      return app
+    }
+  },
+  // The query builders (#15): the same one-query route written with each, on a module-level
+  // pg.Pool (the builder built once) and on request.db (request.kysely, built at first use in each
+  // request; Drizzle built per request by createDrizzle).
+  'kysely-raw-pool': {
+    anchor: null,
+    async build (url) {
+      const pool = new pg.Pool({ connectionString: url, max: MAX })
+      const kysely = new Kysely({ dialect: new PostgresDialect({ pool }) })
+      const app = Fastify({ logger: false })
+      app.addHook('onClose', () => kysely.destroy())
+      app.get('/q', async (request) => kysely.selectNoFrom(sql`${intOf(request)}::int`.as('n')).executeTakeFirstOrThrow())
+      return app
+    }
+  },
+  'kysely-request-db': {
+    anchor: 'kysely-raw-pool',
+    async build (url) {
+      const app = Fastify({ logger: false })
+      await app.register(requestDb, { connectionString: url, max: MAX })
+      await app.register(requestKysely)
+      app.get('/q', async (request) => request.kysely.selectNoFrom(sql`${intOf(request)}::int`.as('n')).executeTakeFirstOrThrow())
+      return app
+    }
+  },
+  'drizzle-raw-pool': {
+    anchor: null,
+    async build (url) {
+      const pool = new pg.Pool({ connectionString: url, max: MAX })
+      const orm = drizzle({ client: pool })
+      const app = Fastify({ logger: false })
+      app.addHook('onClose', () => pool.end())
+      app.get('/q', async (request) => (await orm.execute(drizzleSql`SELECT ${intOf(request)}::int AS n`)).rows[0])
+      return app
+    }
+  },
+  'drizzle-request-db': {
+    anchor: 'drizzle-raw-pool',
+    async build (url) {
+      const app = Fastify({ logger: false })
+      await app.register(requestDb, { connectionString: url, max: MAX })
+      app.get('/q', async (request) => (await createDrizzle(request.db).execute(drizzleSql`SELECT ${intOf(request)}::int AS n`)).rows[0])
       return app
     }
   }

@@ -41,7 +41,8 @@ export function addRequestHooks (fastify: FastifyInstance, gate: ClientGate): vo
     // undefined when an earlier onRequest hook failed before this plugin's ran.
     const lease = request[kLease]
     if (lease !== undefined) lease.failed = true
-    if (RETRYABLE_CODES.has((error as { code?: string }).code ?? '') && !reply.hasHeader('retry-after')) {
+    const code = ownCode(error)
+    if (code !== undefined && RETRYABLE_CODES.has(code) && !reply.hasHeader('retry-after')) {
       reply.header('retry-after', '1')
     }
     done()
@@ -90,4 +91,22 @@ export function addRequestHooks (fastify: FastifyInstance, gate: ClientGate): vo
 
 function sendsBody (request: FastifyRequest, status: number): boolean {
   return status !== 204 && status !== 304 && status >= 200 && request.method !== 'HEAD'
+}
+
+type MaybeTyped = { code?: unknown, statusCode?: unknown, cause?: unknown }
+
+/**
+ * The code of this plugin's error behind `error`: its own, or its cause's when `error` merely wraps
+ * one of ours and has no status of its own. Drizzle wraps every error its driver returns in a
+ * DrizzleQueryError (ours becomes its `cause`), which Fastify would answer with a 500 and no
+ * Retry-After: a typed 503 would stop being one. The wrapper is lent our status and code, so the
+ * client sees what it would have seen without the query builder; its message is left as it is.
+ */
+function ownCode (error: MaybeTyped): string | undefined {
+  if (typeof error.code === 'string') return error.code
+  const cause = error.cause as MaybeTyped | null | undefined
+  if (error.statusCode !== undefined || typeof cause?.code !== 'string' || !cause.code.startsWith('FST_REQUEST_DB_')) return undefined
+  error.statusCode = cause.statusCode
+  error.code = cause.code
+  return cause.code
 }

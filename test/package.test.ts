@@ -53,3 +53,54 @@ t.test('import requestDb from "fastify-request-db" (ESM)', async (t) => {
   const out = execFileSync(process.execPath, ['--input-type=module', '-e', source], { cwd: root, env: { ...process.env, DATABASE_URL: adminUrl } }).toString()
   t.same(JSON.parse(out), { kind: 'function', same: true, code: 'FST_REQUEST_DB_RELEASED', body: { one: 1 } })
 })
+
+// The query-builder adapters are subpaths: the main entry loads neither Kysely nor Drizzle.
+const builders = (load: string): string => `
+${load}
+;(async () => {
+  const app = Fastify()
+  await app.register(requestDb, { env: { DATABASE_URL: process.env.DATABASE_URL } })
+  await app.register(requestKysely)
+  app.get('/', async (request) => ({
+    kysely: (await sql\`SELECT 1 AS one\`.execute(request.kysely)).rows[0].one,
+    same: (await sql\`SELECT 2 AS two\`.execute(kyselyFactory()(request.db))).rows[0].two,
+    drizzle: (await createDrizzle(request.db).execute(sql\`SELECT 3 AS three\`)).rows[0].three
+  }))
+  const res = await app.inject('/')
+  await app.close()
+  console.log(JSON.stringify({ kind: typeof requestKysely, body: res.json() }))
+})().catch((err) => { console.error(err); process.exit(1) })
+`
+
+t.test('require("fastify-request-db") loads neither kysely nor drizzle-orm', async (t) => {
+  const out = execFileSync(process.execPath, ['-e', `
+    require('fastify-request-db')
+    const loaded = Object.keys(require.cache)
+    console.log(JSON.stringify(['/kysely/', '/drizzle-orm/'].map((p) => loaded.some((f) => f.includes('/node_modules' + p)))))
+  `], { cwd: root }).toString()
+  t.same(JSON.parse(out), [false, false])
+})
+
+t.test('require("fastify-request-db/kysely") and "fastify-request-db/drizzle" (CommonJS)', async (t) => {
+  const out = execFileSync(process.execPath, ['-e', builders(`
+    const Fastify = require('fastify')
+    const requestDb = require('fastify-request-db').default
+    const { default: requestKysely, kyselyFactory } = require('fastify-request-db/kysely')
+    const { createDrizzle } = require('fastify-request-db/drizzle')
+    const { sql } = require('kysely')`).replace('createDrizzle(request.db).execute(sql', 'createDrizzle(request.db).execute(require("drizzle-orm").sql')],
+  { cwd: root, env: { ...process.env, DATABASE_URL: adminUrl } }).toString()
+  t.same(JSON.parse(out), { kind: 'function', body: { kysely: 1, same: 2, drizzle: 3 } })
+})
+
+t.test('import from "fastify-request-db/kysely" and "fastify-request-db/drizzle" (ESM)', async (t) => {
+  const out = execFileSync(process.execPath, ['--input-type=module', '-e', builders(`
+    import Fastify from 'fastify'
+    import requestDb from 'fastify-request-db'
+    import requestKysely, { kyselyFactory, requestKysely as named } from 'fastify-request-db/kysely'
+    import { createDrizzle } from 'fastify-request-db/drizzle'
+    import { sql } from 'kysely'
+    import { sql as drizzleSql } from 'drizzle-orm'
+    if (named !== requestKysely) throw new Error('default and named export differ')`).replace('createDrizzle(request.db).execute(sql', 'createDrizzle(request.db).execute(drizzleSql')],
+  { cwd: root, env: { ...process.env, DATABASE_URL: adminUrl } }).toString()
+  t.same(JSON.parse(out), { kind: 'function', body: { kysely: 1, same: 2, drizzle: 3 } })
+})
