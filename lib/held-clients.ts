@@ -1,6 +1,7 @@
 import type { FastifyBaseLogger, FastifyRequest } from 'fastify'
 import type { PoolClient } from 'pg'
 import { releaseChannel } from './observability/channels.js'
+import { startupScope, timeoutIn } from './async-context.js'
 
 /** Something that holds a pool client for a while: a request's lease or an `app.db` call. */
 export interface ClientHolder {
@@ -50,6 +51,9 @@ export class HeldClients {
   private readonly connections = new Set<ClientRecord>()
   private readonly log: FastifyBaseLogger
   private sweepTimer: NodeJS.Timeout | null = null
+  // The sweep serves the whole pool: it runs in the context of the registration, not in that of
+  // the request whose checkout happened to arm it (each holder enters its own: Lease.scope).
+  private readonly scope = startupScope('sweep')
   private drained: (() => void) | null = null
 
   constructor (log: FastifyBaseLogger) {
@@ -113,8 +117,7 @@ export class HeldClients {
     // not by the callers: a sweep that frees a client makes pg-pool hand it to a waiter at once,
     // which comes back through hold() before the sweep re-arms.
     if (this.sweepTimer !== null) return
-    this.sweepTimer = setTimeout(() => this.sweep(), SWEEP_MS)
-    this.sweepTimer.unref()
+    this.sweepTimer = timeoutIn(this.scope, SWEEP_MS, () => this.sweep())
   }
 
   private sweep (): void {

@@ -1,3 +1,4 @@
+import { AsyncResource } from 'node:async_hooks'
 import type { FastifyBaseLogger, FastifyReply, FastifyRequest } from 'fastify'
 import { pipeline, type Readable, Transform } from 'node:stream'
 import type { PoolClient, QueryConfig, QueryResult } from 'pg'
@@ -71,6 +72,13 @@ export class Lease extends Session implements RequestDb {
   /** The request is over and its release waits for statements before it would cancel them. */
   private awaitingStatements = false
   private poolFace: Promise<RequestDbClient> | null = null
+  /**
+   * The request's async context (OpenTelemetry's active span, an AsyncLocalStorage store), taken
+   * when the request first takes a client. Work for this request that starts from the sweep, the
+   * response's 'close', a connection's error, shutdown or a stream's end runs in it (`enter`), so
+   * its statements, cancels and log lines belong to this request's trace (async-context.ts).
+   */
+  private scope: AsyncResource | null = null
 
   constructor (gate: ClientGate, request: FastifyRequest, reply: FastifyReply) {
     super(gate)
@@ -126,6 +134,7 @@ export class Lease extends Session implements RequestDb {
         then(err)
       })
     }
+    const lease = this
     const body = new Transform({
       readableObjectMode: payload.readableObjectMode,
       writableObjectMode: payload.readableObjectMode,
@@ -133,7 +142,8 @@ export class Lease extends Session implements RequestDb {
         done(null, chunk)
       },
       flush (done) {
-        settle(done)
+        // Called from the source's end, in the context of whoever opened its connection.
+        lease.enter(settle, done)
       }
     })
     // Destroying either destroys the other: the response closing early stops the source (a
@@ -172,7 +182,7 @@ export class Lease extends Session implements RequestDb {
    * (real PostgreSQL, 100 connections, ten interleaved repetitions).
    */
   override checkStillWanted (): void {
-    if (this.state === ACTIVE && responseEnded(this.request, this.reply)) this.terminate(!this.reply.raw.writableEnded)
+    if (this.state === ACTIVE && responseEnded(this.request, this.reply)) this.enter(this.terminate, !this.reply.raw.writableEnded)
   }
 
   /**
@@ -225,6 +235,10 @@ export class Lease extends Session implements RequestDb {
   }
 
   override forceRelease (): void {
+    this.enter(this.releaseForShutdown, undefined)
+  }
+
+  private releaseForShutdown (): void {
     this.markBroken('the server is shutting down', 'shutdown')
     this.shutdownCancel = true
     if (this.state !== ENDED) this.terminate(true)
@@ -234,6 +248,11 @@ export class Lease extends Session implements RequestDb {
   }
 
   override connectionFailed (err: Error): void {
+    // Emitted by the connection's socket, in the context of whichever request opened it.
+    this.enter(this.heldConnectionFailed, err)
+  }
+
+  private heldConnectionFailed (err: Error): void {
     const client = this.current
     // Nothing in flight, and nothing this request set lives on the connection (wouldLose): drop the
     // dead connection, and the next statement quietly takes a new one, which serves it exactly as
@@ -280,8 +299,13 @@ export class Lease extends Session implements RequestDb {
     }
     this.state = ACQUIRING
     this.waiters = [then]
+    // Only requests that take a client pay for it: ≈ 0.15 µs with no AsyncLocalStorage in use.
+    const scope = this.scope ??= new AsyncResource('fastify-request-db.request')
     if (this.responding) this.watchResponse()
-    this.gate.take(this, (err, taken) => this.taken(err, taken))
+    // The answer may come from elsewhere: a client another request gives back is handed over inside
+    // that request's release, and the wait's deadline is the pool's timer. Its BEGIN and first
+    // statement are this request's.
+    this.gate.take(this, (err, taken) => scope.runInAsyncScope(this.taken, this, err, taken))
   }
 
   private taken (err: Error | null, client: PoolClient | undefined): void {
@@ -310,7 +334,7 @@ export class Lease extends Session implements RequestDb {
         // Fastify also aborts this signal when the request stream closes, which for a request with a
         // body is as soon as the body was read: only its timeout error means "the handler ran out
         // of time". (A client that went away is the sweep's business: checkStillWanted.)
-        if ((signal.reason as { code?: string } | undefined)?.code === 'FST_ERR_HANDLER_TIMEOUT') this.handlerTimedOut()
+        if ((signal.reason as { code?: string } | undefined)?.code === 'FST_ERR_HANDLER_TIMEOUT') this.enter(this.handlerTimedOut, undefined)
       }, { once: true })
     }
     if ((route.config as { db?: RouteDbConfig }).db?.transaction === true) {
@@ -338,7 +362,15 @@ export class Lease extends Session implements RequestDb {
     if (this.listening) return
     this.listening = true
     const res = this.reply.raw
-    res.on('close', () => this.terminate(!res.writableEnded))
+    res.on('close', () => this.enter(this.terminate, !res.writableEnded))
+  }
+
+  /** Run `fn` in the request's own async context: for work started from outside the request. */
+  private enter<A> (fn: (this: this, arg: A) => void, arg: A): void {
+    const scope = this.scope
+    // No client taken yet: nothing this request owns runs on a connection.
+    if (scope === null) fn.call(this, arg)
+    else scope.runInAsyncScope(fn, this, arg)
   }
 
   private terminate (aborted: boolean): void {
@@ -371,7 +403,7 @@ export class Lease extends Session implements RequestDb {
     }
     if (this.openStreams !== null && this.openStreams.size > 0) await this.stopStreams(client)
     if ((aborted || this.shutdownCancel) && this.isBusy()) {
-      this.cancel(client)
+      this.cancel(client, this.shutdownCancel ? 'the server is shutting down' : 'the client went away')
       await this.whenSettled(CANCEL_GRACE_MS)
     }
     await this.giveBack(client, this.rawHandedOut, this.poolRelease)
@@ -392,7 +424,7 @@ export class Lease extends Session implements RequestDb {
 
   private cancelRunning (): void {
     const client = this.current
-    if (client !== null && this.isBusy()) this.cancel(client)
+    if (client !== null && this.isBusy()) this.cancel(client, 'handlerTimeout')
   }
 
   private releasedByUser (client: PoolClient): void {

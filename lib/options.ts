@@ -212,6 +212,11 @@ function resolveConnection (options: RequestDbOptions, env: Env): {
     const host = parsed.searchParams.get('host') ?? (parsed.hostname ? decodeURIComponent(parsed.hostname) : connection.host)
     const database = parsed.pathname.length > 1 ? decodeURIComponent(parsed.pathname.slice(1)) : connection.database
     const urlPort = parsed.port ? Number(parsed.port) : (parsed.hostname ? 5432 : connection.port)
+    // pg lets the URL win over these, but what reads the pool's options does not: instrumentation-pg
+    // names the pool in its metrics from host, port and database alone (localhost:5432/unknown_database).
+    connection.host = host
+    connection.port = urlPort
+    connection.database = database
     return { connection, target: `${host}:${urlPort}/${database ?? ''}`, secrets }
   }
   return { connection, target: `${connection.host}:${connection.port}/${connection.database ?? ''}`, secrets }

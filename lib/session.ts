@@ -190,17 +190,19 @@ export class Session implements ClientHolder, TransactionHost<Session>, DbSessio
     this.shutdownCancel = true
     const client = this.current
     this.markBroken('the server is shutting down', 'shutdown')
-    if (client !== null && this.isBusy()) this.cancel(client)
+    if (client !== null && this.isBusy()) this.cancel(client, 'the server is shutting down')
   }
 
-  /** Cancel what runs on `client`, on the server. */
-  protected cancel (client: PoolClient): void {
+  /** Cancel what runs on `client`, on the server; `because` is for the log. */
+  protected cancel (client: PoolClient, because: string): void {
     // A cancel is a signal to the backend, delivered whenever it arrives: if the statement ended
     // first, it would hit whatever that connection runs next, another request's statement. So a
     // connection that was sent one is closed, never reused.
     this.markBroken('its statement was cancelled', 'cancelled')
     this.quietStreams()
     if (cancelChannel.hasSubscribers) cancelChannel.publish({ pool: this.gate.pool, request: this.request })
+    this.logger.debug({ pid: (client as { processID?: number }).processID, because },
+      'fastify-request-db: cancelling a running statement; its connection will be closed')
     void requestCancel(client as never)
   }
 
@@ -217,7 +219,7 @@ export class Session implements ClientHolder, TransactionHost<Session>, DbSessio
     for (const sub of streams.keys()) if (tryCloseCursor(sub)) cursors++
     if (cursors > 0) await this.whenSettled(STOP_STREAM_MS)
     if (streams.size === 0) return
-    this.cancel(client)
+    this.cancel(client, 'a stream nobody reads')
     cutConnection(client)
     this.forgetStreams()
   }

@@ -1,4 +1,5 @@
 import type { FastifyInstance } from 'fastify'
+import { startupScope, timeoutIn } from './async-context.js'
 import type { ClientGate } from './pool.js'
 
 // After forcing: how long cancelled statements get to stop before onClose moves on.
@@ -15,15 +16,16 @@ const FORCED_RELEASE_MS = 2000
 export function addShutdownHooks (fastify: FastifyInstance, gate: ClientGate, shutdownTimeoutMs: number): void {
   let deadline: NodeJS.Timeout | null = null
   let startedAt = 0
+  // close() may be called from a request (an admin route): the deadline is the app's, not its.
+  const scope = startupScope('shutdown')
 
   fastify.addHook('preClose', function stopHandingOut (done) {
     gate.closing = true
     startedAt = Date.now()
-    deadline = setTimeout(() => {
+    deadline = timeoutIn(scope, shutdownTimeoutMs, () => {
       if (gate.stats().leased > 0) fastify.log.warn('fastify-request-db: shutdown timeout reached; cancelling requests\' statements')
       gate.forceReleaseAll()
-    }, shutdownTimeoutMs)
-    deadline.unref()
+    })
     done()
   })
 

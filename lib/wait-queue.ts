@@ -1,3 +1,4 @@
+import { startupScope, timeoutIn } from './async-context.js'
 import type { Taken } from './checkout.js'
 
 /** A checkout waiting for a client; the queue keeps them in arrival order, as pg-pool serves them. */
@@ -27,6 +28,8 @@ export class WaitQueue {
   private timer: NodeJS.Timeout | null = null
   private readonly ms: number
   private readonly expired: (waiter: Waiter) => void
+  // Made at registration: the timer serves every waiter, so it runs in no request's context.
+  private readonly scope = startupScope('wait-queue')
 
   constructor (ms: number, expired: (waiter: Waiter) => void) {
     this.ms = ms
@@ -66,8 +69,7 @@ export class WaitQueue {
 
   private arm (ms: number): void {
     // Left running when the queue empties: re-arming per request is the cost this class avoids.
-    this.timer = setTimeout(() => this.expire(), ms)
-    this.timer.unref()
+    this.timer = timeoutIn(this.scope, ms, () => this.expire())
   }
 
   private expire (): void {

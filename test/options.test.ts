@@ -51,6 +51,8 @@ t.test('DATABASE_URL, else the libpq variables', async (t) => {
   const byUrl = resolveOptions({}, { DATABASE_URL: `postgres://app:${SECRET}@db.internal:6543/shop?sslmode=require`, PGHOST: 'ignored' })
   t.equal(byUrl.connection.connectionString, `postgres://app:${SECRET}@db.internal:6543/shop?sslmode=require`)
   t.equal(byUrl.target, 'db.internal:6543/shop')
+  // pg lets the URL win; these are for what reads the pool's options (instrumentation-pg's pool name).
+  t.match(byUrl.connection, { host: 'db.internal', port: 6543, database: 'shop' }, 'the URL\'s own host, port and database beside it')
   t.ok(byUrl.secrets.includes(SECRET))
   const byVars = resolveOptions({}, { PGHOST: '10.1.2.3', PGPORT: '5433', PGUSER: 'u', PGPASSWORD: SECRET, PGDATABASE: 'd' })
   t.same(byVars.connection, { host: '10.1.2.3', port: 5433, user: 'u', password: SECRET, database: 'd' })
@@ -58,7 +60,11 @@ t.test('DATABASE_URL, else the libpq variables', async (t) => {
   t.ok(byVars.secrets.includes(SECRET))
   const explicit = resolveOptions({ connectionString: 'postgresql://localhost/x' }, { DATABASE_URL: 'postgres://other/y' })
   t.equal(explicit.connection.connectionString, 'postgresql://localhost/x', 'option wins over DATABASE_URL')
-  t.equal(resolveOptions({}, { DATABASE_URL: 'postgresql:///app?host=/var/run/postgresql' }).target, '/var/run/postgresql:5432/app', 'unix socket URL')
+  const socketUrl = resolveOptions({}, { DATABASE_URL: 'postgresql:///app?host=/var/run/postgresql', PGPORT: '5433' })
+  t.equal(socketUrl.target, '/var/run/postgresql:5433/app', 'unix socket URL')
+  t.match(socketUrl.connection, { host: '/var/run/postgresql', port: 5433, database: 'app' })
+  t.match(resolveOptions({}, { DATABASE_URL: 'postgres://db.internal', PGDATABASE: 'fallback' }).connection,
+    { host: 'db.internal', port: 5432, database: 'fallback' }, 'what the URL leaves out: from the libpq variables and defaults')
 })
 
 // Each: [options, env, the setting the error must name, what the message must also say]
