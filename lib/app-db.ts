@@ -14,7 +14,10 @@ export interface AppDb {
   ): Promise<QueryResult<R>>
   /** BEGIN … COMMIT on one pool client; ROLLBACK and rethrow if `fn` throws. */
   transaction<T> (fn: (tx: DbSession) => Promise<T> | T): Promise<T>
-  /** `{ total, idle, waiting, leased }`: leased is the clients held by requests right now. */
+  /**
+   * `{ total, idle, waiting, leased, leaksDetected }`: leased is the clients held by requests right
+   * now; leaksDetected counts requests reported by `leakDetectionMs`.
+   */
   stats (): DbStats
 }
 

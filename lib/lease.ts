@@ -3,6 +3,7 @@ import { pipeline, type Readable, Transform } from 'node:stream'
 import type { PoolClient, QueryConfig, QueryResult } from 'pg'
 import { promised, type Taken } from './checkout.js'
 import { FST_REQUEST_DB_CLOSING, FST_REQUEST_DB_COMMIT_FAILED, FST_REQUEST_DB_RELEASED } from './errors.js'
+import { LeaseActivity } from './observability/lease-activity.js'
 import type { ClientGate } from './pool.js'
 import { connectionGone, isStream, responseEnded } from './response-state.js'
 import { CANCEL_GRACE_MS, type DbSession, notCommitted, OWN, Session } from './session.js'
@@ -176,6 +177,7 @@ export class Lease extends Session implements RequestDb {
   }
 
   override checkStillWanted (): void {
+    if (this.activity !== null) this.activity.sweep()
     if (this.state === ACTIVE && responseEnded(this.request, this.reply)) this.terminate(!this.reply.raw.writableEnded)
   }
 
@@ -277,10 +279,12 @@ export class Lease extends Session implements RequestDb {
     this.state = ACQUIRING
     this.waiters = [then]
     if (this.responding) this.watchResponse()
+    if (this.gate.watchesLeases) (this.activity ??= new LeaseActivity(this.request, this.gate.leaks)).waitStarted()
     this.gate.take(this, (err, taken) => this.taken(err, taken))
   }
 
   private taken (err: Error | null, client: PoolClient | undefined): void {
+    if (this.activity !== null) this.activity.waitEnded(err === null)
     if (err !== null) {
       if (this.state === ACQUIRING) this.state = IDLE
       this.answerWaiters(err)

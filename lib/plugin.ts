@@ -4,6 +4,7 @@ import pg from 'pg'
 import { AppDatabase } from './app-db.js'
 import { FST_REQUEST_DB_CONNECT } from './errors.js'
 import { addRequestHooks } from './hooks.js'
+import { addRequestTiming } from './observability/request-timing.js'
 import { type RequestDbOptions, type ResolvedOptions, resolveOptions } from './options.js'
 import type { ClientHolder } from './held-clients.js'
 import { ClientGate } from './pool.js'
@@ -24,6 +25,9 @@ export async function requestDbPlugin (fastify: FastifyInstance, options: Reques
   fastify.decorate('db', new AppDatabase(gate))
   // request.db, and the hooks that hand it out and give its client back.
   addRequestHooks(fastify, gate)
+  // logDbTime, serverTiming: hooks added only when on. After addRequestHooks: a route
+  // transaction's COMMIT comes before the Server-Timing header is set.
+  addRequestTiming(fastify, resolved)
   // Added after @fastify/postgres registered: onClose hooks run last-added first, so this one
   // gives every client back before @fastify/postgres ends the pool.
   addShutdownHooks(fastify, gate, resolved.shutdownTimeoutMs)
