@@ -1,4 +1,5 @@
 import type { QueryConfig, QueryResult, QueryResultRow } from 'pg'
+import { checkHealth, type DbHealth, type DbHealthOptions } from './observability/health.js'
 import type { ClientGate, DbStats } from './pool.js'
 import type { PostgresPool } from './postgres-pool.js'
 import { type DbSession, Session } from './session.js'
@@ -19,6 +20,12 @@ export interface AppDb {
    * now; leaksDetected counts requests reported by `leakDetectionMs`.
    */
   stats (): DbStats
+  /**
+   * For readiness probes: `SELECT 1` on a pool client within `timeoutMs` (default
+   * `acquireTimeoutMs`). Resolves `{ ok, latencyMs, pool }`, with `error: { code, message }` when
+   * not ok (credentials masked). Never rejects.
+   */
+  health (options?: DbHealthOptions): Promise<DbHealth>
 }
 
 export class AppDatabase implements AppDb {
@@ -48,6 +55,10 @@ export class AppDatabase implements AppDb {
 
   stats (): DbStats {
     return this.gate.stats()
+  }
+
+  health (options?: DbHealthOptions): Promise<DbHealth> {
+    return checkHealth(this.gate, options)
   }
 
   private async withSession<T> (work: (session: Session) => Promise<T>): Promise<T> {

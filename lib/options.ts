@@ -39,6 +39,12 @@ export interface RequestDbOptions {
    */
   maxWaiting?: number
   /**
+   * At startup, how long to keep trying to reach the database (backoff from 250 ms doubling to
+   * 5 s, each failed try logged) before `ready()` rejects; containers often start before their
+   * database. 0 tries once. Env: `DB_CONNECT_TIMEOUT_MS`. Default: 0.
+   */
+  connectTimeoutMs?: number
+  /**
    * A request holding its connection longer than this logs a warning (request id, method, route,
    * age, the last statement's text without its values), and a second line when it gives it back.
    * 0 is off. Env: `DB_LEAK_DETECTION_MS`. Default: 0.
@@ -86,6 +92,7 @@ export interface ResolvedOptions {
   readonly shutdownTimeoutMs: number
   readonly abortGraceMs: number
   readonly maxWaiting: number
+  readonly connectTimeoutMs: number
   readonly leakDetectionMs: number
   readonly logDbTime: boolean
   readonly serverTiming: boolean
@@ -102,6 +109,7 @@ const DEFAULTS = {
   shutdownTimeoutMs: 10000,
   abortGraceMs: 250,
   maxWaiting: Number.POSITIVE_INFINITY,
+  connectTimeoutMs: 0,
   leakDetectionMs: 0
 } as const
 
@@ -129,6 +137,7 @@ const INTEGER_SETTINGS: readonly IntegerSetting[] = [
   { option: 'shutdownTimeoutMs', env: 'DB_SHUTDOWN_TIMEOUT_MS', min: 0, max: MAX_TIMER_MS },
   { option: 'abortGraceMs', env: 'DB_ABORT_GRACE_MS', min: 0, max: MAX_TIMER_MS },
   { option: 'maxWaiting', env: 'DB_POOL_MAX_WAITING', min: 0, max: 1_000_000 },
+  { option: 'connectTimeoutMs', env: 'DB_CONNECT_TIMEOUT_MS', min: 0, max: MAX_TIMER_MS },
   { option: 'leakDetectionMs', env: 'DB_LEAK_DETECTION_MS', min: 0, max: MAX_TIMER_MS }
 ]
 
@@ -188,6 +197,7 @@ export function resolveOptions (options: RequestDbOptions = {}, env: Env = optio
     shutdownTimeoutMs: numbers.shutdownTimeoutMs,
     abortGraceMs: numbers.abortGraceMs,
     maxWaiting: numbers.maxWaiting,
+    connectTimeoutMs: numbers.connectTimeoutMs,
     leakDetectionMs: numbers.leakDetectionMs,
     logDbTime: flags.logDbTime,
     serverTiming: flags.serverTiming,

@@ -42,7 +42,8 @@ export class ClientGate {
   readonly watchesLeases: boolean
   closing = false
   private readonly held: HeldClients
-  private readonly acquireTimeoutMs: number
+  /** The longest wait for a client (options.acquireTimeoutMs); also the health check's default deadline. */
+  readonly acquireTimeoutMs: number
   private readonly maxWaiting: number
   private readonly max: number
   private readonly queue: WaitQueue
