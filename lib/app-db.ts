@@ -1,4 +1,5 @@
 import type { QueryConfig, QueryResult, QueryResultRow } from 'pg'
+import { checkHealth, type DbHealth, type DbHealthOptions } from './observability/health.js'
 import type { ClientGate, DbStats } from './pool.js'
 import type { PostgresPool } from './postgres-pool.js'
 import { type DbSession, Session } from './session.js'
@@ -16,8 +17,17 @@ export interface AppDb {
   ): Promise<QueryResult<R>>
   /** BEGIN … COMMIT on one pool client; ROLLBACK and rethrow if `fn` throws. */
   transaction<T> (fn: (tx: DbSession) => Promise<T> | T): Promise<T>
-  /** `{ total, idle, waiting, leased }`: leased is the clients held by requests right now. */
+  /**
+   * `{ total, idle, waiting, leased, leaksDetected }`: leased is the clients held by requests right
+   * now; leaksDetected counts requests reported by `leakDetectionMs`.
+   */
   stats (): DbStats
+  /**
+   * For readiness probes: `SELECT 1` on a pool client within `timeoutMs` (default
+   * `acquireTimeoutMs`). Resolves `{ ok, latencyMs, pool }`, with `error: { code, message }` when
+   * not ok (credentials masked). Never rejects.
+   */
+  health (options?: DbHealthOptions): Promise<DbHealth>
 }
 
 export class AppDatabase implements AppDb {
@@ -49,6 +59,10 @@ export class AppDatabase implements AppDb {
 
   stats (): DbStats {
     return this.gate.stats()
+  }
+
+  health (options?: DbHealthOptions): Promise<DbHealth> {
+    return checkHealth(this.gate, options)
   }
 
   private async withSession<T> (work: (session: Session) => Promise<T>): Promise<T> {

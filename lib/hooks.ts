@@ -9,6 +9,11 @@ import { isStream } from './response-state.js'
 const kLease = Symbol('fastify-request-db.lease')
 type WithLease = FastifyRequest & { [kLease]?: Lease }
 
+/** The request's lease, for the plugin's other hooks (lib/observability/); undefined before onRequest. */
+export function leaseOf (request: FastifyRequest): Lease | undefined {
+  return (request as WithLease)[kLease]
+}
+
 /**
  * `request.db` and the request-side hooks. onRequest only allocates the handle: the pool is
  * touched at first use, so slow bodies and db-less routes hold no connection. onSend commits a

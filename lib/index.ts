@@ -17,6 +17,7 @@ export default requestDb
 export * from './errors.js'
 export type { AppDb } from './app-db.js'
 export type { RequestDb, RequestDbClient, RouteDbConfig } from './lease.js'
+export type { DbHealth, DbHealthOptions } from './observability/health.js'
 export type { Env, RequestDbOptions } from './options.js'
 export type { DbStats } from './pool.js'
 export type { PostgresPool } from './postgres-pool.js'

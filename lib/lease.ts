@@ -4,6 +4,7 @@ import { pipeline, type Readable, Transform } from 'node:stream'
 import type { PoolClient, QueryConfig, QueryResult } from 'pg'
 import { promised, type Taken } from './checkout.js'
 import { FST_REQUEST_DB_CLOSING, FST_REQUEST_DB_COMMIT_FAILED, FST_REQUEST_DB_RELEASED } from './errors.js'
+import { LeaseActivity } from './observability/lease-activity.js'
 import type { ClientGate } from './pool.js'
 import { connectionGone, isStream, responseEnded } from './response-state.js'
 import { CANCEL_GRACE_MS, type DbSession, notCommitted, OWN, Session } from './session.js'
@@ -182,6 +183,7 @@ export class Lease extends Session implements RequestDb {
    * (real PostgreSQL, 100 connections, ten interleaved repetitions).
    */
   override checkStillWanted (): void {
+    if (this.activity !== null) this.activity.sweep()
     if (this.state === ACTIVE && responseEnded(this.request, this.reply)) this.enter(this.terminate, !this.reply.raw.writableEnded)
   }
 
@@ -302,6 +304,7 @@ export class Lease extends Session implements RequestDb {
     // Only requests that take a client pay for it: ≈ 0.15 µs with no AsyncLocalStorage in use.
     const scope = this.scope ??= new AsyncResource('fastify-request-db.request')
     if (this.responding) this.watchResponse()
+    if (this.gate.watchesLeases) (this.activity ??= new LeaseActivity(this.request, this.gate.leaks)).waitStarted()
     // The answer may come from elsewhere: a client another request gives back is handed over inside
     // that request's release, and the wait's deadline is the pool's timer. Its BEGIN and first
     // statement are this request's.
@@ -309,6 +312,7 @@ export class Lease extends Session implements RequestDb {
   }
 
   private taken (err: Error | null, client: PoolClient | undefined): void {
+    if (this.activity !== null) this.activity.waitEnded(err === null)
     if (err !== null) {
       if (this.state === ACQUIRING) this.state = IDLE
       this.answerWaiters(err)

@@ -39,6 +39,29 @@ export interface RequestDbOptions {
    */
   maxWaiting?: number
   /**
+   * At startup, how long to keep trying to reach the database (backoff from 250 ms doubling to
+   * 5 s, each failed try logged) before `ready()` rejects; containers often start before their
+   * database. 0 tries once. Env: `DB_CONNECT_TIMEOUT_MS`. Default: 0.
+   */
+  connectTimeoutMs?: number
+  /**
+   * A request holding its connection longer than this logs a warning (request id, method, route,
+   * age, the last statement's text without its values), and a second line when it gives it back.
+   * 0 is off. Env: `DB_LEAK_DETECTION_MS`. Default: 0.
+   */
+  leakDetectionMs?: number
+  /**
+   * Add `db: { queries, ms, waitMs }` to Fastify's "request completed" log line: the request's
+   * statements, the time they ran, and the time spent waiting for a connection.
+   * Env: `DB_LOG_TIME` (`true`/`false`, `1`/`0`). Default: false.
+   */
+  logDbTime?: boolean
+  /**
+   * Send a `Server-Timing` header with the same figures (`db;dur=…;desc="3 queries", db-wait;dur=…`),
+   * as they stand when the headers go. Env: `DB_SERVER_TIMING`. Default: false.
+   */
+  serverTiming?: boolean
+  /**
    * An existing `pg.Pool` to use instead of creating one. The plugin does not end it on close: its
    * owner does. Default: the pool `@fastify/postgres` creates (or the app's `fastify.pg.pool`).
    */
@@ -69,6 +92,10 @@ export interface ResolvedOptions {
   readonly shutdownTimeoutMs: number
   readonly abortGraceMs: number
   readonly maxWaiting: number
+  readonly connectTimeoutMs: number
+  readonly leakDetectionMs: number
+  readonly logDbTime: boolean
+  readonly serverTiming: boolean
   readonly pool: PostgresPool | undefined
   /** Strings that must never reach a message or a log line. */
   readonly secrets: readonly string[]
@@ -81,7 +108,14 @@ const DEFAULTS = {
   statementTimeoutMs: 0,
   shutdownTimeoutMs: 10000,
   abortGraceMs: 250,
-  maxWaiting: Number.POSITIVE_INFINITY
+  maxWaiting: Number.POSITIVE_INFINITY,
+  connectTimeoutMs: 0,
+  leakDetectionMs: 0
+} as const
+
+const FLAG_DEFAULTS = {
+  logDbTime: false,
+  serverTiming: false
 } as const
 
 // setTimeout's ceiling: a larger delay fires at once, which would turn a long timeout into none.
@@ -102,11 +136,23 @@ const INTEGER_SETTINGS: readonly IntegerSetting[] = [
   { option: 'statementTimeoutMs', env: 'DB_STATEMENT_TIMEOUT_MS', min: 0, max: MAX_TIMER_MS },
   { option: 'shutdownTimeoutMs', env: 'DB_SHUTDOWN_TIMEOUT_MS', min: 0, max: MAX_TIMER_MS },
   { option: 'abortGraceMs', env: 'DB_ABORT_GRACE_MS', min: 0, max: MAX_TIMER_MS },
-  { option: 'maxWaiting', env: 'DB_POOL_MAX_WAITING', min: 0, max: 1_000_000 }
+  { option: 'maxWaiting', env: 'DB_POOL_MAX_WAITING', min: 0, max: 1_000_000 },
+  { option: 'connectTimeoutMs', env: 'DB_CONNECT_TIMEOUT_MS', min: 0, max: MAX_TIMER_MS },
+  { option: 'leakDetectionMs', env: 'DB_LEAK_DETECTION_MS', min: 0, max: MAX_TIMER_MS }
+]
+
+interface FlagSetting {
+  option: keyof typeof FLAG_DEFAULTS
+  env: string
+}
+
+const FLAG_SETTINGS: readonly FlagSetting[] = [
+  { option: 'logDbTime', env: 'DB_LOG_TIME' },
+  { option: 'serverTiming', env: 'DB_SERVER_TIMING' }
 ]
 
 const KNOWN_OPTIONS = new Set<string>([
-  'connectionString', 'pool', 'env', ...INTEGER_SETTINGS.map((s) => s.option)
+  'connectionString', 'pool', 'env', ...INTEGER_SETTINGS.map((s) => s.option), ...FLAG_SETTINGS.map((s) => s.option)
 ])
 
 const SSL_MODES = new Set(['disable', 'prefer', 'require', 'verify-ca', 'verify-full', 'no-verify'])
@@ -129,6 +175,10 @@ export function resolveOptions (options: RequestDbOptions = {}, env: Env = optio
   for (const setting of INTEGER_SETTINGS) {
     numbers[setting.option] = resolveInteger(setting, options[setting.option], env[setting.env])
   }
+  const flags = {} as Record<FlagSetting['option'], boolean>
+  for (const setting of FLAG_SETTINGS) {
+    flags[setting.option] = resolveFlag(setting, options[setting.option], env[setting.env])
+  }
 
   const pool = options.pool
   if (pool !== undefined && (pool === null || typeof pool.connect !== 'function' || typeof pool.on !== 'function')) {
@@ -147,6 +197,10 @@ export function resolveOptions (options: RequestDbOptions = {}, env: Env = optio
     shutdownTimeoutMs: numbers.shutdownTimeoutMs,
     abortGraceMs: numbers.abortGraceMs,
     maxWaiting: numbers.maxWaiting,
+    connectTimeoutMs: numbers.connectTimeoutMs,
+    leakDetectionMs: numbers.leakDetectionMs,
+    logDbTime: flags.logDbTime,
+    serverTiming: flags.serverTiming,
     pool,
     secrets: Object.freeze(secrets)
   })
@@ -169,6 +223,20 @@ function resolveInteger (setting: IntegerSetting, explicit: unknown, fromEnv: st
     return value
   }
   return DEFAULTS[setting.option]
+}
+
+function resolveFlag (setting: FlagSetting, explicit: unknown, fromEnv: string | undefined): boolean {
+  if (explicit !== undefined) {
+    if (typeof explicit !== 'boolean') throw new FST_REQUEST_DB_INVALID_OPTION(setting.option, describe(explicit), 'must be true or false')
+    return explicit
+  }
+  if (fromEnv !== undefined) {
+    const value = fromEnv.trim().toLowerCase()
+    if (value === 'true' || value === '1') return true
+    if (value === 'false' || value === '0') return false
+    throw new FST_REQUEST_DB_INVALID_OPTION(setting.env, describe(fromEnv), 'must be true, false, 1 or 0')
+  }
+  return FLAG_DEFAULTS[setting.option]
 }
 
 function range (setting: IntegerSetting): string {

@@ -2,10 +2,10 @@ import fastifyPostgres from '@fastify/postgres'
 import type { FastifyInstance } from 'fastify'
 import pg from 'pg'
 import { AppDatabase } from './app-db.js'
-import { FST_REQUEST_DB_CONNECT } from './errors.js'
 import { addRequestHooks } from './hooks.js'
+import { addRequestTiming } from './observability/request-timing.js'
+import { waitForDatabase } from './observability/startup.js'
 import { type RequestDbOptions, type ResolvedOptions, resolveOptions } from './options.js'
-import type { ClientHolder } from './held-clients.js'
 import { ClientGate } from './pool.js'
 import type { PostgresPool } from './postgres-pool.js'
 import { createRedactor } from './redact.js'
@@ -19,11 +19,15 @@ export async function requestDbPlugin (fastify: FastifyInstance, options: Reques
   const pool = await obtainPool(fastify, resolved)
   const gate = new ClientGate(pool, resolved, fastify.log, redact)
   watchIdleClients(fastify, pool, redact)
-  await checkConnection(gate, resolved.target, redact)
+  // SELECT 1, so ready() rejects when the database can't be reached (within connectTimeoutMs).
+  await waitForDatabase(gate, resolved, fastify.log)
 
   fastify.decorate('db', new AppDatabase(gate, resolved.target))
   // request.db, and the hooks that hand it out and give its client back.
   addRequestHooks(fastify, gate)
+  // logDbTime, serverTiming: hooks added only when on. After addRequestHooks: a route
+  // transaction's COMMIT comes before the Server-Timing header is set.
+  addRequestTiming(fastify, resolved)
   // Added after @fastify/postgres registered: onClose hooks run last-added first, so this one
   // gives every client back before @fastify/postgres ends the pool.
   addShutdownHooks(fastify, gate, resolved.shutdownTimeoutMs)
@@ -73,21 +77,4 @@ function watchIdleClients (fastify: FastifyInstance, pool: PostgresPool, redact:
     fastify.log.warn({ err: { type: err.name, message: redact(err.message), code: (err as { code?: string }).code } },
       'fastify-request-db: an idle database connection failed and was removed from the pool')
   })
-}
-
-/** One `SELECT 1` during registration, so ready() rejects when the database can't be reached. */
-async function checkConnection (gate: ClientGate, target: string, redact: (text: string) => string): Promise<void> {
-  const holder: ClientHolder = { countsAsLease: false, request: null, connectionFailed () {}, forceRelease () {}, checkStillWanted () {} }
-  try {
-    const client = await gate.acquire(holder)
-    try {
-      await client.query('SELECT 1')
-    } finally {
-      gate.release(holder, client, false)
-    }
-  } catch (err) {
-    const root = (err as { cause?: unknown }).cause ?? err
-    const reason = root instanceof Error ? root.message || (root as { code?: string }).code || root.name : String(root)
-    throw new FST_REQUEST_DB_CONNECT(target, redact(reason), { cause: root })
-  }
 }

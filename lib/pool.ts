@@ -9,6 +9,7 @@ import {
 import { promised, type Taken } from './checkout.js'
 import { type ClientHolder, HeldClients } from './held-clients.js'
 import { type AcquireMessage, acquireChannel, type DestroyReason, publishEnd, releaseChannel, type ReleaseMessage } from './observability/channels.js'
+import { LeakDetector } from './observability/leak-detector.js'
 import type { ResolvedOptions } from './options.js'
 import type { PostgresPool } from './postgres-pool.js'
 import { WaitQueue } from './wait-queue.js'
@@ -19,6 +20,8 @@ export interface DbStats {
   idle: number
   waiting: number
   leased: number
+  /** Requests reported for holding their connection longer than `leakDetectionMs`, since start. */
+  leaksDetected: number
 }
 
 const TIMED_OUT = new Error('acquire timed out')
@@ -34,9 +37,14 @@ export class ClientGate {
   readonly redact: (text: string) => string
   /** An aborted request's statement runs this long before it is cancelled (options.abortGraceMs). */
   readonly abortGraceMs: number
+  /** Leak detection (options.leakDetectionMs), or null when it is off. */
+  readonly leaks: LeakDetector | null
+  /** Requests keep books on their statements (leak detection or request timing is on). */
+  readonly watchesLeases: boolean
   closing = false
   private readonly held: HeldClients
-  private readonly acquireTimeoutMs: number
+  /** The longest wait for a client (options.acquireTimeoutMs); also the health check's default deadline. */
+  readonly acquireTimeoutMs: number
   private readonly maxWaiting: number
   private readonly max: number
   private readonly queue: WaitQueue
@@ -51,6 +59,8 @@ export class ClientGate {
     this.max = pool.options?.max ?? options.max
     this.queue = new WaitQueue(options.acquireTimeoutMs, (waiter) => waiter.taken(this.acquireError(TIMED_OUT)))
     this.held = new HeldClients(log)
+    this.leaks = options.leakDetectionMs > 0 ? new LeakDetector(options.leakDetectionMs, redact) : null
+    this.watchesLeases = this.leaks !== null || options.logDbTime || options.serverTiming
   }
 
   /** Take a client for `holder`. Rejects with a typed 503 error: never waits past acquireTimeoutMs. */
@@ -109,7 +119,13 @@ export class ClientGate {
 
   stats (): DbStats {
     const pool = this.pool
-    return { total: pool.totalCount, idle: pool.idleCount, waiting: pool.waitingCount, leased: this.held.leased }
+    return {
+      total: pool.totalCount,
+      idle: pool.idleCount,
+      waiting: pool.waitingCount,
+      leased: this.held.leased,
+      leaksDetected: this.leaks?.detected ?? 0
+    }
   }
 
   /** Resolves once every held client is back, or after `ms`. Returns how many were still held. */

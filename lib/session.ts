@@ -9,6 +9,7 @@ import {
   FST_REQUEST_DB_TRANSACTION_STATEMENT
 } from './errors.js'
 import type { ClientHolder } from './held-clients.js'
+import type { LeaseActivity } from './observability/lease-activity.js'
 import { type ClientGate, isConnectionError } from './pool.js'
 import { cancelChannel, type DestroyReason, publishEnd, queryChannel, type QueryMessage } from './observability/channels.js'
 import { changesSessionState } from './session-state.js'
@@ -79,6 +80,8 @@ export class Session implements ClientHolder, TransactionHost<Session>, DbSessio
   /** Depths at which a BEGIN sent as a statement opened a level: its COMMIT/ROLLBACK may end it. */
   private plainLevels: number[] | null = null
   private settled: (() => void) | null = null
+  /** A request's books for leak detection and timing (lib/observability/); null when both are off. */
+  activity: LeaseActivity | null = null
 
   constructor (gate: ClientGate) {
     this.gate = gate
@@ -265,11 +268,14 @@ export class Session implements ClientHolder, TransactionHost<Session>, DbSessio
     const sql = submittableText(sub)
     if (sql !== undefined && !this.dirty && changesSessionState(sql)) this.dirty = true
     const open = this.openStreams ??= new Map()
+    const activity = this.activity
+    if (activity !== null) activity.statementStarted(sub)
     let counted = true
     const over = (): void => {
       if (!counted) return
       counted = false
       open.delete(sub)
+      if (activity !== null) activity.statementEnded()
       this.statementEnded()
     }
     open.set(sub, over)
@@ -426,11 +432,15 @@ export class Session implements ClientHolder, TransactionHost<Session>, DbSessio
   /** Send a statement as it is, counted in flight until pg answers. */
   private run (client: PoolClient, text: string | QueryConfig, values: unknown[] | undefined, resolve: (result: any) => void, reject: (err: Error) => void): void {
     this.pending++
+    // Read again where it ends rather than captured: set before a session's first statement and
+    // never unset, and the callback's closure stays as small as it was.
+    if (this.activity !== null) this.activity.statementStarted(text)
     const message = queryChannel.hasSubscribers ? this.queryStarted(typeof text === 'string' ? text : text.text, false) : null
     // pg's callback form: its promise form adds two promises and a closure per statement, which
     // the benchmark's allocation count showed on every request.
     try {
       client.query(text as string, values as unknown[], (err: Error | null, result: QueryResult) => {
+        if (this.activity !== null) this.activity.statementEnded()
         this.statementEnded()
         if (message !== null) queryEnded(message, err, result)
         if (err === null || err === undefined) {
@@ -442,6 +452,7 @@ export class Session implements ClientHolder, TransactionHost<Session>, DbSessio
       })
     } catch (err) {
       // pg throws at once only for a query it could not queue (no text, say): nothing is in flight.
+      if (this.activity !== null) this.activity.statementEnded()
       this.statementEnded()
       reject(err as Error)
     }
@@ -531,6 +542,7 @@ export class Session implements ClientHolder, TransactionHost<Session>, DbSessio
   }
 
   private releaseClient (client: PoolClient, destroy: boolean, poolRelease: PoolClient['release'] | undefined, reason: DestroyReason | null): void {
+    if (this.activity !== null) this.activity.released()
     try {
       this.gate.release(this, client, destroy, poolRelease, reason)
     } catch (err) {

@@ -5,6 +5,7 @@ import { to as copyTo } from 'pg-copy-streams'
 import QueryStream from 'pg-query-stream'
 import { expectAssignable, expectError, expectNotAssignable, expectType } from 'tsd'
 import requestDb, {
+  type DbHealth,
   type DbSession,
   type DbStats,
   FST_REQUEST_DB_ACQUIRE_TIMEOUT,
@@ -24,10 +25,22 @@ expectAssignable<RequestDbOptions>({ connectionString: 'postgres://x', maxWaitin
 expectNotAssignable<RequestDbOptions>({ max: '10' })
 expectNotAssignable<RequestDbOptions>({ acquireTimeoutMS: 10 })
 expectError(app.register(requestDb, { max: 'ten' }))
+expectAssignable<RequestDbOptions>({ connectTimeoutMs: 30000, leakDetectionMs: 5000, logDbTime: true, serverTiming: false })
+expectNotAssignable<RequestDbOptions>({ logDbTime: 'true' })
+expectNotAssignable<RequestDbOptions>({ leakDetectionMs: '5s' })
 
 // app.db
 expectType<DbStats>(app.db.stats())
 expectType<number>(app.db.stats().leased)
+expectType<number>(app.db.stats().leaksDetected)
+expectType<Promise<DbHealth>>(app.db.health())
+expectType<Promise<DbHealth>>(app.db.health({ timeoutMs: 1000 }))
+expectError(app.db.health({ timeoutMs: '1s' }))
+const health = await app.db.health()
+expectType<boolean>(health.ok)
+expectType<number | null>(health.latencyMs)
+expectType<DbStats>(health.pool)
+expectType<string | undefined>(health.error?.code)
 expectType<Promise<QueryResult<{ n: number }>>>(app.db.query<{ n: number }>('SELECT 1 AS n'))
 expectType<Promise<string>>(app.db.transaction(async (tx) => {
   expectType<DbSession>(tx)

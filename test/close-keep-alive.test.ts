@@ -62,7 +62,7 @@ t.test('Connection: close once closing has begun: the request in flight is answe
   const took = await closeMidRequest(app, db)
   t.same(await answer, { status: 200, connection: 'close', body: 'done' }, 'answered in full')
   t.ok(took < BOUND_MS, `close() returned in ${took} ms`)
-  t.same(app.db.stats(), { total: 0, idle: 0, waiting: 0, leased: 0 })
+  t.same(app.db.stats(), { total: 0, idle: 0, waiting: 0, leased: 0, leaksDetected: 0 })
 })
 
 t.test('forceCloseConnections: true bounds close() too, but cuts the request in flight', async (t) => {
@@ -74,6 +74,6 @@ t.test('forceCloseConnections: true bounds close() too, but cuts the request in 
   t.equal(await answer, 'fetch failed', 'the client saw its connection cut')
   t.ok(took < BOUND_MS, `close() returned in ${took} ms`)
   // The plugin treated it as a hang-up: nothing left held, nothing left running.
-  t.same(app.db.stats(), { total: 0, idle: 0, waiting: 0, leased: 0 })
+  t.same(app.db.stats(), { total: 0, idle: 0, waiting: 0, leased: 0, leaksDetected: 0 })
   t.equal((await appBackends(db)).length, 0)
 })

@@ -166,7 +166,7 @@ t.test('app.db: query, transaction and stats', async (t) => {
   }), { message: 'undo' })
   t.same((await db.admin.query('SELECT id FROM jobs')).rows, [{ id: 1 }])
   const stats = app.db.stats()
-  t.same(Object.keys(stats).sort(), ['idle', 'leased', 'total', 'waiting'])
+  t.same(Object.keys(stats).sort(), ['idle', 'leaksDetected', 'leased', 'total', 'waiting'])
   t.equal(stats.leased, 0)
   t.ok(stats.total >= 1 && stats.total <= 3)
   t.equal(typeof app.db.pool.connect, 'function')

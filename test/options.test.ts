@@ -15,6 +15,10 @@ t.test('defaults', async (t) => {
   t.equal(o.shutdownTimeoutMs, 10000)
   t.equal(o.abortGraceMs, 250)
   t.equal(o.maxWaiting, Number.POSITIVE_INFINITY)
+  t.equal(o.connectTimeoutMs, 0, 'one try at startup')
+  t.equal(o.leakDetectionMs, 0, 'leak detection off')
+  t.equal(o.logDbTime, false)
+  t.equal(o.serverTiming, false)
   t.same(o.connection, { host: 'localhost', port: 5432, user: undefined, password: undefined, database: undefined })
   t.ok(Object.isFrozen(o), 'resolved options are frozen')
   t.ok(Object.isFrozen(o.connection))
@@ -36,6 +40,16 @@ t.test('env wins over defaults, explicit options win over env; 0 survives', asyn
   const explicit = resolveOptions({ max: 2, acquireTimeoutMs: 100, idleTimeoutMs: 5, statementTimeoutMs: 0, shutdownTimeoutMs: 0, abortGraceMs: 0, maxWaiting: 0 }, env)
   t.same([explicit.max, explicit.acquireTimeoutMs, explicit.idleTimeoutMs, explicit.statementTimeoutMs, explicit.shutdownTimeoutMs, explicit.abortGraceMs, explicit.maxWaiting],
     [2, 100, 5, 0, 0, 0, 0])
+})
+
+t.test('the observability settings: env over defaults, explicit over env; booleans as true/false/1/0', async (t) => {
+  const env = { DB_CONNECT_TIMEOUT_MS: '30000', DB_LEAK_DETECTION_MS: '5000', DB_LOG_TIME: 'TRUE', DB_SERVER_TIMING: ' 1 ' }
+  const fromEnv = resolveOptions({}, env)
+  t.same([fromEnv.connectTimeoutMs, fromEnv.leakDetectionMs, fromEnv.logDbTime, fromEnv.serverTiming], [30000, 5000, true, true])
+  const explicit = resolveOptions({ connectTimeoutMs: 0, leakDetectionMs: 0, logDbTime: false, serverTiming: false }, env)
+  t.same([explicit.connectTimeoutMs, explicit.leakDetectionMs, explicit.logDbTime, explicit.serverTiming], [0, 0, false, false], '0 and false survive')
+  const off = resolveOptions({}, { DB_LOG_TIME: 'false', DB_SERVER_TIMING: '0' })
+  t.same([off.logDbTime, off.serverTiming], [false, false])
 })
 
 t.test('options.env is where env is read; the caller\'s object is not changed', async (t) => {
@@ -102,7 +116,15 @@ const BAD: Array<[Record<string, unknown>, Record<string, string>, string, RegEx
   [{}, { PGPORT: 'fivefourthreetwo' }, 'PGPORT', /port number/],
   [{}, { PGPORT: '70000' }, 'PGPORT', /"70000"/],
   [{ pool: {} }, {}, 'pool', /must be a pg.Pool/],
-  [{ poolSize: 3 }, {}, 'options', /poolSize: is not an option/]
+  [{ poolSize: 3 }, {}, 'options', /poolSize: is not an option/],
+  [{}, { DB_CONNECT_TIMEOUT_MS: '30s' }, 'DB_CONNECT_TIMEOUT_MS', /"30s".*whole number from 0/],
+  [{ connectTimeoutMs: -1 }, {}, 'connectTimeoutMs', /-1/],
+  [{}, { DB_LEAK_DETECTION_MS: '-5' }, 'DB_LEAK_DETECTION_MS', /"-5"/],
+  [{ leakDetectionMs: 2.5 }, {}, 'leakDetectionMs', /2\.5/],
+  [{}, { DB_LOG_TIME: 'yes please' }, 'DB_LOG_TIME', /"yes please": must be true, false, 1 or 0/],
+  [{}, { DB_SERVER_TIMING: '' }, 'DB_SERVER_TIMING', /""/],
+  [{ logDbTime: 'true' }, {}, 'logDbTime', /"true": must be true or false/],
+  [{ serverTiming: 1 }, {}, 'serverTiming', /=1: must be true or false/]
 ]
 
 t.test(`${BAD.length} bad inputs: each rejects register() with an error naming the setting, no password`, async (t) => {

@@ -16,7 +16,7 @@ t.test('close() waits for a request that holds a client, then ends the pool: no 
   await waitFor(() => app.db.stats().leased === 1, 3000, 'the request to hold a client')
   await app.close()
   t.equal((await inFlight).status, 200, 'the request in flight finished normally')
-  t.same(app.db.stats(), { total: 0, idle: 0, waiting: 0, leased: 0 })
+  t.same(app.db.stats(), { total: 0, idle: 0, waiting: 0, leased: 0, leaksDetected: 0 })
   t.equal((await appBackends(db)).length, 0, 'the database shows no backend of the app')
 })
 
@@ -107,5 +107,5 @@ t.test('close() reaches a request whose connection died while it held it (inside
   t.equal(res.statusCode, 503, 'its next query failed')
   t.equal(JSON.parse(res.body).code, 'FST_REQUEST_DB_CLOSING', 'with the shutdown\'s error, not "used after the request ended"')
   await closing
-  t.same(app.db.stats(), { total: 0, idle: 0, waiting: 0, leased: 0 })
+  t.same(app.db.stats(), { total: 0, idle: 0, waiting: 0, leased: 0, leaksDetected: 0 })
 })

@@ -399,7 +399,7 @@ t.test('the other ways work for a request starts outside it: a held connection f
       t.equal(line.trace_id, traceOf.get(line.reqId), `"${line.msg}" (${line.because ?? ''}) for ${line.reqId} (${routeOf.get(line.reqId)}): written in its trace`)
     }
   }
-  t.same(app.db.stats(), { total: 0, idle: 0, waiting: 0, leased: 0 })
+  t.same(app.db.stats(), { total: 0, idle: 0, waiting: 0, leased: 0, leaksDetected: 0 })
 })
 
 /** Collects on demand, for the test to read the instruments' current values. */
