@@ -21,7 +21,7 @@ function sample (text: string, name: string, labels: Record<string, string> = {}
 t.test('prom-client: a real /metrics scrape shows the pool, waits, statements, destroyed connections, cancels and 503s', async (t) => {
   const db = await createDatabase(t)
   const registry = new Registry()
-  const app = await buildApp(db, { max: 2, acquireTimeoutMs: 200, abortGraceMs: 0 })
+  const app = await buildApp(db, { max: 2, acquireTimeoutMs: 200, abortGraceMs: 0, leakDetectionMs: 100 })
   await app.register(requestDbPrometheus, { registry })
   app.get('/metrics', async (_request, reply) => reply.type(registry.contentType).send(await registry.metrics()))
   app.get('/q', async (request) => (await request.db.query('SELECT 1 AS one')).rows[0])
@@ -53,6 +53,7 @@ t.test('prom-client: a real /metrics scrape shows the pool, waits, statements, d
   t.equal(sample(scrape, 'fastify_request_db_connections_destroyed_total', { ...pool, reason: 'cancelled' }), 2)
   t.equal(sample(scrape, 'fastify_request_db_cancels_total', pool), 2)
   t.equal(sample(scrape, 'db_client_connection_pending_requests', pool), 0)
+  t.equal(sample(scrape, 'fastify_request_db_leaks_detected_total', pool), 2, 'the two slow requests held their clients past leakDetectionMs')
 })
 
 t.test('OpenTelemetry: semantic-convention metrics, and a wait span under the request\'s span', async (t) => {

@@ -34,9 +34,11 @@ async function openTelemetry (app: FastifyInstance, options: RequestDbOpenTeleme
   const count = meter.createObservableUpDownCounter('db.client.connection.count', { unit: '{connection}', description: 'Connections of the pool, by state' })
   const max = meter.createObservableUpDownCounter('db.client.connection.max', { unit: '{connection}', description: 'Most connections the pool opens' })
   const pending = meter.createObservableUpDownCounter('db.client.connection.pending_requests', { unit: '{request}', description: 'Checkouts waiting for a connection' })
-  const observables = [count, max, pending]
+  const leaks = meter.createObservableCounter('fastify_request_db.leaks_detected', { unit: '{lease}', description: 'Leases held longer than leakDetectionMs' })
+  const observables = [count, max, pending, leaks]
   const observe = (result: BatchObservableResult): void => {
-    const { total, idle, waiting } = app.db.stats()
+    const { total, idle, waiting, leaksDetected } = app.db.stats()
+    result.observe(leaks, leaksDetected, base)
     result.observe(count, idle, { ...base, 'db.client.connection.state': 'idle' })
     result.observe(count, total - idle, { ...base, 'db.client.connection.state': 'used' })
     result.observe(max, pool.options?.max ?? 0, base)

@@ -67,7 +67,18 @@ async function prometheusMetrics (app: FastifyInstance, options: RequestDbPromet
   const destroyed = new Counter({ name: 'fastify_request_db_connections_destroyed_total', help: 'Connections closed instead of reused, by reason', labelNames: ['pool_name', 'reason'], registers })
   const cancels = new Counter({ name: 'fastify_request_db_cancels_total', help: 'CancelRequests sent for statements of requests that went away, timed out or outlived shutdown', labelNames: ['pool_name'], registers })
   const rejected = new Counter({ name: 'fastify_request_db_checkouts_rejected_total', help: 'Checkouts answered with an error (503), by its code', labelNames: ['pool_name', 'code'], registers })
-  metrics.push(waitTime, useTime, timeouts, duration, destroyed, cancels, rejected)
+  const leaks = new Counter({
+    name: 'fastify_request_db_leaks_detected_total',
+    help: 'Leases held longer than leakDetectionMs',
+    labelNames: ['pool_name'],
+    registers,
+    collect () {
+      // The leak detector counts them (app.db.stats()); a counter read at scrape time.
+      this.reset()
+      this.inc(labels, app.db.stats().leaksDetected)
+    }
+  })
+  metrics.push(waitTime, useTime, timeouts, duration, destroyed, cancels, rejected, leaks)
 
   const unsubscribe = subscribeToPool(pool, {
     acquired (message) {
