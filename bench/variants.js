@@ -10,6 +10,8 @@ import pg from 'pg'
 import requestDb from 'fastify-request-db'
 import { createDrizzle } from 'fastify-request-db/drizzle'
 import requestKysely from 'fastify-request-db/kysely'
+import requestDbPrometheus from 'fastify-request-db/prometheus'
+import { Registry } from 'prom-client'
 
 const MAX = 10
 const ONE = 'SELECT $1::int AS n'
@@ -65,6 +67,18 @@ export const variants = {
     async build (url) {
       const app = Fastify({ logger: false })
       await app.register(requestDb, { connectionString: url, max: MAX })
+      app.get('/q', async (request) => (await request.db.query(ONE, [intOf(request)])).rows[0])
+      return app
+    }
+  },
+  // request-db with leak detection and the Prometheus metrics on: what watching the pool costs
+  // (npm run bench:instructions counts it against request-db).
+  'request-db-observed': {
+    anchor: 'raw-pool',
+    async build (url) {
+      const app = Fastify({ logger: false })
+      await app.register(requestDb, { connectionString: url, max: MAX, leakDetectionMs: 10_000 })
+      await app.register(requestDbPrometheus, { registry: new Registry() })
       app.get('/q', async (request) => (await request.db.query(ONE, [intOf(request)])).rows[0])
       return app
     }
