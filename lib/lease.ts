@@ -51,7 +51,10 @@ const ENDED = 3
  * in flight; on abort it gives them `abortGraceMs`, then cancels them on the server.
  */
 export class Lease extends Session implements RequestDb {
-  override readonly countsAsLease = true
+  override get countsAsLease (): boolean {
+    return true
+  }
+
   /** The route's transaction (config.db.transaction) is open and awaits COMMIT in onSend. */
   routeTxOpen = false
   /** The handler (or a hook) threw: a route transaction is rolled back, never committed. */
@@ -67,7 +70,8 @@ export class Lease extends Session implements RequestDb {
   private responding = false
   /** The response's 'close' listener is on: only for a client still in use after onSend. */
   private listening = false
-  override readonly request: FastifyRequest
+  // Declared, not redefined: Session's field is assigned in the constructor (see countsAsLease).
+  declare readonly request: FastifyRequest
   private readonly reply: FastifyReply
   private poolRelease: PoolClient['release'] | undefined = undefined
   /** The request is over and its release waits for statements before it would cancel them. */
@@ -83,7 +87,7 @@ export class Lease extends Session implements RequestDb {
 
   constructor (gate: ClientGate, request: FastifyRequest, reply: FastifyReply) {
     super(gate)
-    this.request = request
+    ;(this as { request: FastifyRequest }).request = request
     this.reply = reply
   }
 

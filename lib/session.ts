@@ -55,7 +55,11 @@ export const OWN = { BEGIN: OWN_BEGIN, COMMIT: OWN_COMMIT, ROLLBACK: OWN_ROLLBAC
  * whether the session was changed (then the connection is closed, not reused) or broke.
  */
 export class Session implements ClientHolder, TransactionHost<Session>, DbSession {
-  readonly countsAsLease: boolean = false
+  // A getter, not a field: a field redefined by the subclass costs every request a redefinition.
+  get countsAsLease (): boolean {
+    return false
+  }
+
   /** The request this session serves: none for `app.db` (a request's lease sets it). */
   readonly request: FastifyRequest | null = null
   /** The client queries go to; null when none is held (or no longer usable). */
