@@ -42,13 +42,10 @@ const STOP_STREAM_MS = 1000
 // are, never read as a user's transaction statement (transaction-control.ts).
 const kOwn = Symbol('fastify-request-db.own-statement')
 type OwnStatement = QueryConfig & { [kOwn]: true }
-export function own (text: string): OwnStatement {
+function own (text: string): OwnStatement {
   return { text, [kOwn]: true }
 }
-const OWN_BEGIN = own('BEGIN')
-const OWN_COMMIT = own('COMMIT')
-const OWN_ROLLBACK = own('ROLLBACK')
-export const OWN = { BEGIN: OWN_BEGIN, COMMIT: OWN_COMMIT, ROLLBACK: OWN_ROLLBACK }
+export const OWN = { BEGIN: own('BEGIN'), COMMIT: own('COMMIT'), ROLLBACK: own('ROLLBACK') } as const
 
 /**
  * One pool client held for a while, and the books on it: statements in flight, open transactions,
@@ -132,7 +129,7 @@ export class Session implements ClientHolder, TransactionHost<Session>, DbSessio
     if (sql !== 'BEGIN' && !sql.startsWith('SAVEPOINT') && this.current !== null && this.openStreams !== null && this.openStreams.size > 0) {
       await this.stopStreams(this.current)
     }
-    const result = await this.query(sql === 'BEGIN' ? OWN_BEGIN : sql === 'COMMIT' ? OWN_COMMIT : own(sql))
+    const result = await this.query(sql === 'BEGIN' ? OWN.BEGIN : sql === 'COMMIT' ? OWN.COMMIT : own(sql))
     const notDone = sql === 'COMMIT' ? notCommitted(result) : null
     if (notDone !== null) throw notDone
   }
