@@ -12,9 +12,10 @@
 // - Counts repeat within an app; between two apps they also carry effects outside either's code
 //   (V8's shared lookup caches, how the process was started): ±2 % was seen.
 // Writes bench/instructions.md. Options: --only a,b, --connections 10, --warmup 20000,
-// --requests 5000, --reps 2
+// --requests 5000, --reps 2, --keep DIR (keep each window's callgrind dump there, named after the
+// variant, for `callgrind_annotate`)
 import { execFileSync } from 'node:child_process'
-import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
+import { copyFileSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { parseArgs } from 'node:util'
@@ -31,7 +32,8 @@ const { values: args } = parseArgs({
     connections: { type: 'string', default: '10' },
     warmup: { type: 'string', default: '20000' },
     requests: { type: 'string', default: '5000' },
-    reps: { type: 'string', default: '2' }
+    reps: { type: 'string', default: '2' },
+    keep: { type: 'string' }
   }
 })
 if (!process.env.DATABASE_URL) throw new Error('DATABASE_URL is not set: run through `npm run bench:instructions`')
@@ -121,6 +123,7 @@ async function measure (name) {
     await exited
   }
   const counts = countWindow(pid)
+  if (args.keep !== undefined) copyFileSync(join(dir, `cg.${pid}.2`), join(args.keep, `callgrind.${name}.${pid}`))
   for (const f of readdirSync(dir)) if (f.startsWith(`cg.${pid}`)) rmSync(join(dir, f))
   return { all: counts.all / requests, withoutCompiler: counts.withoutCompiler / requests }
 }

@@ -2,6 +2,7 @@ import type { FastifyBaseLogger, FastifyRequest } from 'fastify'
 import type { PoolClient } from 'pg'
 import { releaseChannel } from './observability/channels.js'
 import { startupScope, timeoutIn } from './async-context.js'
+import { now } from './clock.js'
 
 /** Something that holds a pool client for a while: a request's lease or an `app.db` call. */
 export interface ClientHolder {
@@ -64,7 +65,7 @@ export class HeldClients {
     let record = this.records.get(client)
     if (record === undefined) record = this.watch(client)
     record.holder = holder
-    if (releaseChannel.hasSubscribers) record.since = performance.now()
+    if (releaseChannel.hasSubscribers) record.since = now()
     this.count++
     if (holder.countsAsLease) this.leased++
     this.armSweep()
@@ -79,7 +80,7 @@ export class HeldClients {
     let heldMs = 0
     if (holder !== null && record !== undefined && record.holder === holder) {
       if (record.since !== 0) {
-        heldMs = performance.now() - record.since
+        heldMs = now() - record.since
         record.since = 0
       }
       record.holder = null

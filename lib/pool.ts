@@ -13,6 +13,7 @@ import { LeakDetector } from './observability/leak-detector.js'
 import type { ResolvedOptions } from './options.js'
 import type { PostgresPool } from './postgres-pool.js'
 import { WaitQueue } from './wait-queue.js'
+import { now } from './clock.js'
 
 /** Pool figures: `leased` is the clients held by requests right now. */
 export interface DbStats {
@@ -107,11 +108,11 @@ export class ClientGate {
   /** `taken`, with the checkout published on the acquire channel around it. */
   private published (holder: ClientHolder, taken: Taken): Taken {
     const message: AcquireMessage = { pool: this.pool, request: holder.request }
-    const started = performance.now()
+    const started = now()
     acquireChannel.start.publish(message)
     acquireChannel.end.publish(message)
     return (err, client) => {
-      message.waitMs = performance.now() - started
+      message.waitMs = now() - started
       publishEnd(acquireChannel, message, err)
       taken(err, client)
     }

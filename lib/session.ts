@@ -16,6 +16,7 @@ import { changesSessionState } from './session-state.js'
 import { cutConnection, failSubmittable, isSubmittable, type Submittable, submittableText, tryCloseCursor, whenSubmittableDone } from './streams.js'
 import { runTransaction, type TransactionHost } from './transaction.js'
 import { savepointName, type TransactionStatement, transactionStatement } from './transaction-control.js'
+import { now } from './clock.js'
 
 /** Queries on one connection: what `app.db.transaction` and `request.db.transaction` hand to `fn`. */
 export interface DbSession {
@@ -464,7 +465,7 @@ export class Session implements ClientHolder, TransactionHost<Session>, DbSessio
   }
 
   private queryStarted (text: string, streaming: boolean): QueryMessage {
-    const message: QueryMessage = { pool: this.gate.pool, request: this.request, text, streaming, startTime: performance.now() }
+    const message: QueryMessage = { pool: this.gate.pool, request: this.request, text, streaming, startTime: now() }
     queryChannel.start.publish(message)
     queryChannel.end.publish(message)
     return message
@@ -571,7 +572,7 @@ export function notCommitted (result: QueryResult): Error | null {
 
 /** Publish a statement's end on the query channel. */
 function queryEnded (message: QueryMessage, err: Error | null | undefined, result: QueryResult | undefined): void {
-  message.durationMs = performance.now() - (message.startTime as number)
+  message.durationMs = now() - (message.startTime as number)
   if (result !== undefined && result !== null) {
     message.command = result.command
     message.rowCount = result.rowCount

@@ -1,5 +1,6 @@
 import { startupScope, timeoutIn } from './async-context.js'
 import type { Taken } from './checkout.js'
+import { now } from './clock.js'
 
 /** A checkout waiting for a client; the queue keeps them in arrival order, as pg-pool serves them. */
 export class Waiter {
@@ -37,7 +38,7 @@ export class WaitQueue {
   }
 
   add (taken: Taken): Waiter {
-    const waiter = new Waiter(taken, performance.now() + this.ms)
+    const waiter = new Waiter(taken, now() + this.ms)
     if (this.tail === null) this.head = waiter
     else this.tail.next = waiter
     this.tail = waiter
@@ -74,8 +75,8 @@ export class WaitQueue {
 
   private expire (): void {
     this.timer = null
-    const now = performance.now()
-    for (let waiter = this.head; waiter !== null && waiter.deadline <= now; waiter = waiter.next) {
+    const at = now()
+    for (let waiter = this.head; waiter !== null && waiter.deadline <= at; waiter = waiter.next) {
       if (!waiter.answered) {
         waiter.answered = true
         this.size--
@@ -83,6 +84,6 @@ export class WaitQueue {
       }
     }
     this.dropAnswered()
-    if (this.head !== null) this.arm(Math.max(1, Math.ceil(this.head.deadline - now)))
+    if (this.head !== null) this.arm(Math.max(1, Math.ceil(this.head.deadline - at)))
   }
 }

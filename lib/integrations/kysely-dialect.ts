@@ -30,6 +30,7 @@ import {
 } from 'kysely'
 import type { Submittable } from 'pg'
 import type { RequestDb } from '../lease.js'
+import { now } from '../clock.js'
 
 /** What a request's Kysely is built from: the app's, made once by `kyselyFactory`. */
 export interface BindingSettings {
@@ -69,7 +70,7 @@ export class RequestDbConnection implements DatabaseConnection, ConnectionProvid
     // request.db counts the cursor as a statement in flight until it is closed (streams.ts).
     const cursor = this.db.query(new Cursor<R>(compiledQuery.sql, compiledQuery.parameters.slice()) as PostgresCursor<R> & Submittable)
     const log = this.settings.log
-    const started = performance.now()
+    const started = now()
     let failed = false
     try {
       for (;;) {
@@ -79,11 +80,11 @@ export class RequestDbConnection implements DatabaseConnection, ConnectionProvid
       }
     } catch (error) {
       failed = true
-      await log?.error(() => ({ level: 'error', error, query: compiledQuery, queryDurationMillis: performance.now() - started }))
+      await log?.error(() => ({ level: 'error', error, query: compiledQuery, queryDurationMillis: now() - started }))
       throw error
     } finally {
       await cursor.close()
-      if (!failed) await log?.query(() => ({ level: 'query', isStream: true, query: compiledQuery, queryDurationMillis: performance.now() - started }))
+      if (!failed) await log?.query(() => ({ level: 'query', isStream: true, query: compiledQuery, queryDurationMillis: now() - started }))
     }
   }
 
@@ -104,15 +105,15 @@ export class RequestDbConnection implements DatabaseConnection, ConnectionProvid
 }
 
 async function logged<R> (log: Log, query: CompiledQuery, run: () => Promise<QueryResult<R>>): Promise<QueryResult<R>> {
-  const started = performance.now()
+  const started = now()
   let result: QueryResult<R>
   try {
     result = await run()
   } catch (error) {
-    await log.error(() => ({ level: 'error', error, query, queryDurationMillis: performance.now() - started }))
+    await log.error(() => ({ level: 'error', error, query, queryDurationMillis: now() - started }))
     throw error
   }
-  await log.query(() => ({ level: 'query', query, queryDurationMillis: performance.now() - started }))
+  await log.query(() => ({ level: 'query', query, queryDurationMillis: now() - started }))
   return result
 }
 

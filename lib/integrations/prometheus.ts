@@ -1,8 +1,9 @@
 import type { FastifyInstance } from 'fastify'
 import fp from 'fastify-plugin'
-import { Counter, Gauge, Histogram, register as defaultRegistry, type Registry } from 'prom-client'
+import { Counter, Gauge, register as defaultRegistry, type Registry } from 'prom-client'
 import { subscribeToPool } from '../observability/subscribe.js'
 import { operationOf } from './operation.js'
+import { type Series, SeriesHistogram } from './prometheus-histogram.js'
 
 /** Options for `app.register(requestDbPrometheus, options)`. */
 export interface RequestDbPrometheusOptions {
@@ -60,10 +61,10 @@ async function prometheusMetrics (app: FastifyInstance, options: RequestDbPromet
       }
     })
   ]
-  const waitTime = new Histogram({ name: 'db_client_connection_wait_time_seconds', help: 'Time to obtain a connection from the pool', labelNames: ['pool_name'], buckets, registers })
-  const useTime = new Histogram({ name: 'db_client_connection_use_time_seconds', help: 'Time between taking a connection and giving it back', labelNames: ['pool_name'], buckets, registers })
+  const waitTime = new SeriesHistogram({ name: 'db_client_connection_wait_time_seconds', help: 'Time to obtain a connection from the pool', labelNames: ['pool_name'], buckets, registers })
+  const useTime = new SeriesHistogram({ name: 'db_client_connection_use_time_seconds', help: 'Time between taking a connection and giving it back', labelNames: ['pool_name'], buckets, registers })
   const timeouts = new Counter({ name: 'db_client_connection_timeouts_total', help: 'Checkouts that timed out waiting for a connection', labelNames: ['pool_name'], registers })
-  const duration = new Histogram({ name: 'db_client_operation_duration_seconds', help: 'Duration of database statements (a stream: its whole run)', labelNames: ['pool_name', 'db_operation_name', 'error_type'], buckets, registers })
+  const duration = new SeriesHistogram({ name: 'db_client_operation_duration_seconds', help: 'Duration of database statements (a stream: its whole run)', labelNames: ['pool_name', 'db_operation_name', 'error_type'], buckets, registers })
   const destroyed = new Counter({ name: 'fastify_request_db_connections_destroyed_total', help: 'Connections closed instead of reused, by reason', labelNames: ['pool_name', 'reason'], registers })
   const cancels = new Counter({ name: 'fastify_request_db_cancels_total', help: 'CancelRequests sent for statements of requests that went away, timed out or outlived shutdown', labelNames: ['pool_name'], registers })
   const rejected = new Counter({ name: 'fastify_request_db_checkouts_rejected_total', help: 'Checkouts answered with an error (503), by its code', labelNames: ['pool_name', 'code'], registers })
@@ -79,11 +80,25 @@ async function prometheusMetrics (app: FastifyInstance, options: RequestDbPromet
     }
   })
   metrics.push(waitTime, useTime, timeouts, duration, destroyed, cancels, rejected, leaks)
+  const waits = waitTime.seriesFor('', labels)
+  const uses = useTime.seriesFor('', labels)
+  // A statement's series by operation (SELECT, INSERT, …): found by its command tag alone when it
+  // succeeded, the common case; a failure's key adds its error type.
+  const succeeded = new Map<string, Series>()
+  const durationSeries = (operation: string, errorType: string): Series => {
+    if (errorType !== '') return duration.seriesFor(`${operation} ${errorType}`, { ...labels, db_operation_name: operation, error_type: errorType })
+    let series = succeeded.get(operation)
+    if (series === undefined) {
+      series = duration.seriesFor(`${operation} `, { ...labels, db_operation_name: operation, error_type: '' })
+      succeeded.set(operation, series)
+    }
+    return series
+  }
 
   const unsubscribe = subscribeToPool(pool, {
     acquired (message) {
       if (message.error === undefined) {
-        waitTime.observe(labels, (message.waitMs ?? 0) / 1000)
+        waitTime.record(waits, (message.waitMs ?? 0) / 1000)
         return
       }
       const code = (message.error as { code?: string }).code ?? message.error.name
@@ -92,10 +107,10 @@ async function prometheusMetrics (app: FastifyInstance, options: RequestDbPromet
     },
     queried (message) {
       const errorType = message.error === undefined ? '' : (message.error as { code?: string }).code ?? message.error.name
-      duration.observe({ ...labels, db_operation_name: message.command ?? operationOf(message.text), error_type: errorType }, (message.durationMs ?? 0) / 1000)
+      duration.record(durationSeries(message.command ?? operationOf(message.text), errorType), (message.durationMs ?? 0) / 1000)
     },
     released (message) {
-      useTime.observe(labels, message.heldMs / 1000)
+      useTime.record(uses, message.heldMs / 1000)
       if (message.destroyed) destroyed.inc({ ...labels, reason: message.reason ?? 'unknown' })
     },
     cancelled () {

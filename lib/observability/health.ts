@@ -1,6 +1,7 @@
 import { FST_REQUEST_DB_UNAVAILABLE } from '../errors.js'
 import type { ClientGate, DbStats } from '../pool.js'
 import { Session } from '../session.js'
+import { now } from '../clock.js'
 
 /** What `app.db.health()` resolves to. */
 export interface DbHealth {
@@ -38,9 +39,9 @@ export async function checkHealth (gate: ClientGate, options: DbHealthOptions = 
     try {
       await probe.open()
       if (probe.abandoned) return
-      const sent = performance.now()
+      const sent = now()
       await probe.query('SELECT 1')
-      latencyMs = Math.round((performance.now() - sent) * 100) / 100
+      latencyMs = Math.round((now() - sent) * 100) / 100
     } finally {
       await probe.close()
     }

@@ -1,4 +1,5 @@
 import type { LeaseActivity, StatementText } from './lease-activity.js'
+import { now } from '../clock.js'
 
 // Enough of a statement to recognise it in a log line; the rest is left out.
 const STATEMENT_CHARS = 200
@@ -22,7 +23,7 @@ export class LeakDetector {
   }
 
   check (activity: LeaseActivity): void {
-    const heldMs = performance.now() - activity.heldSince
+    const heldMs = now() - activity.heldSince
     if (heldMs < this.thresholdMs) return
     activity.reported = true
     this.detected++
@@ -42,7 +43,7 @@ export class LeakDetector {
     request.log.warn({
       method: request.method,
       route: request.routeOptions.url,
-      heldMs: Math.round(performance.now() - activity.heldSince)
+      heldMs: Math.round(now() - activity.heldSince)
     }, 'fastify-request-db: the request reported for holding its database connection gave it back')
   }
 

@@ -1,5 +1,6 @@
 import type { FastifyRequest } from 'fastify'
 import type { LeakDetector } from './leak-detector.js'
+import { now } from '../clock.js'
 
 /** A statement as the lease saw it: text, a QueryConfig, or a stream (submittable). */
 export type StatementText = string | { text?: string, cursor?: { text?: string } }
@@ -47,16 +48,16 @@ export class LeaseActivity {
   }
 
   waitStarted (): void {
-    this.waitSince = performance.now()
+    this.waitSince = now()
   }
 
   /** The wait for a connection is over: `gotOne` when the pool handed one over. */
   waitEnded (gotOne: boolean): void {
-    const now = performance.now()
-    this.waitMs += now - this.waitSince
+    const at = now()
+    this.waitMs += at - this.waitSince
     this.waitSince = 0
     // A lease that lost its connection and takes a new one is still the same hold: its age runs on.
-    if (gotOne && this.heldSince === 0) this.heldSince = now
+    if (gotOne && this.heldSince === 0) this.heldSince = at
   }
 
   statementStarted (statement: StatementText): void {
@@ -65,11 +66,11 @@ export class LeaseActivity {
     // pg runs a connection's statements one after another (the rest wait in its queue): the time
     // with at least one in flight is the sum of their run times, without counting a queued
     // statement's wait twice.
-    if (this.inFlight++ === 0) this.busySince = performance.now()
+    if (this.inFlight++ === 0) this.busySince = now()
   }
 
   statementEnded (): void {
-    if (--this.inFlight === 0) this.busyMs += performance.now() - this.busySince
+    if (--this.inFlight === 0) this.busyMs += now() - this.busySince
   }
 
   /** The sweep (every 100 ms while a connection is held): has this hold gone on too long? */
@@ -86,11 +87,11 @@ export class LeaseActivity {
 
   /** The figures so far; a statement or a wait still going counts up to now. */
   time (): DbTime {
-    const now = performance.now()
+    const at = now()
     return {
       queries: this.queries,
-      ms: round(this.busyMs + (this.inFlight > 0 ? now - this.busySince : 0)),
-      waitMs: round(this.waitMs + (this.waitSince !== 0 ? now - this.waitSince : 0))
+      ms: round(this.busyMs + (this.inFlight > 0 ? at - this.busySince : 0)),
+      waitMs: round(this.waitMs + (this.waitSince !== 0 ? at - this.waitSince : 0))
     }
   }
 }

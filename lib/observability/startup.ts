@@ -3,6 +3,7 @@ import { setTimeout as sleep } from 'node:timers/promises'
 import { FST_REQUEST_DB_CONNECT } from '../errors.js'
 import type { ClientHolder } from '../held-clients.js'
 import type { ClientGate } from '../pool.js'
+import { now } from '../clock.js'
 
 // Between tries: 250 ms, doubling up to 5 s (a database starting in a container is typically up
 // within seconds; polling it faster only adds log lines).
@@ -17,7 +18,7 @@ const MAX_DELAY_MS = 5000
  */
 export async function waitForDatabase (gate: ClientGate, options: { target: string, connectTimeoutMs: number }, log: FastifyBaseLogger): Promise<void> {
   const { target, connectTimeoutMs } = options
-  const deadline = performance.now() + connectTimeoutMs
+  const deadline = now() + connectTimeoutMs
   let delay = FIRST_DELAY_MS
   for (let tries = 1; ; tries++) {
     const err = await tryOnce(gate)
@@ -28,7 +29,7 @@ export async function waitForDatabase (gate: ClientGate, options: { target: stri
     const root = (err as { cause?: unknown }).cause ?? err
     const code = (root as { code?: string }).code
     const reason = gate.redact(root instanceof Error ? root.message || code || root.name : String(root))
-    const left = deadline - performance.now()
+    const left = deadline - now()
     if (connectTimeoutMs === 0) throw new FST_REQUEST_DB_CONNECT(target, reason, { cause: root })
     // A rejected login (SQLSTATE class 28: wrong password, no pg_hba.conf entry) is configuration,
     // not a database still starting: waiting would only delay the same error.
