@@ -4,12 +4,13 @@ import { fork } from 'node:child_process'
 /**
  * Start variant `name`; resolves once it listens. `next()` waits for the app's next message (the
  * answer to 'measure' or 'report'). `wrapper`: a command and its arguments to run Node under
- * (bench/instructions.js runs it under valgrind).
+ * (bench/instructions.js runs it under valgrind). `app`: another checkout's bench/app.js, to count
+ * that checkout's build of the variant (bench/instructions.js --baseline).
  */
-export function startApp (name, wrapper = null) {
+export function startApp (name, wrapper = null, app = new URL('./app.js', import.meta.url)) {
   return new Promise((resolve, reject) => {
     const under = wrapper === null ? {} : { execPath: wrapper[0], execArgv: wrapper.slice(1) }
-    const child = fork(new URL('./app.js', import.meta.url), [name], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'], ...under })
+    const child = fork(app, [name], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'], ...under })
     const waiters = []
     child.on('message', (msg) => {
       if (msg.type === 'ready') resolve({ child, port: msg.port, next: () => new Promise((r) => waiters.push(r)) })

@@ -11,13 +11,16 @@
 //   chance.
 // - Counts repeat within an app; between two apps they also carry effects outside either's code
 //   (V8's shared lookup caches, how the process was started): ±2 % was seen.
-// Writes bench/instructions.md. Options: --only a,b, --connections 10, --warmup 20000,
+// Writes bench/instructions.md (a full run; --only and --baseline runs print their table). Options: --only a,b, --connections 10, --warmup 20000,
 // --requests 5000, --reps 2, --keep DIR (keep each window's callgrind dump there, named after the
-// variant, for `callgrind_annotate`)
+// variant, for `callgrind_annotate`), --baseline DIR (another checkout, built: each variant is also
+// counted from that checkout's bench/app.js, right before this one's, so a before/after pair runs
+// interleaved under the same conditions; the count moves a few % with how busy the machine is,
+// because a busier app gets more requests per turn of the event loop).
 import { execFileSync } from 'node:child_process'
 import { copyFileSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
-import { join } from 'node:path'
+import { join, resolve as resolvePath } from 'node:path'
 import { parseArgs } from 'node:util'
 import autocannon from 'autocannon'
 import { startApp } from './app-process.js'
@@ -33,7 +36,8 @@ const { values: args } = parseArgs({
     warmup: { type: 'string', default: '20000' },
     requests: { type: 'string', default: '5000' },
     reps: { type: 'string', default: '2' },
-    keep: { type: 'string' }
+    keep: { type: 'string' },
+    baseline: { type: 'string' }
   }
 })
 if (!process.env.DATABASE_URL) throw new Error('DATABASE_URL is not set: run through `npm run bench:instructions`')
@@ -43,6 +47,8 @@ try {
   throw new Error('valgrind is not installed (Debian: apt-get install valgrind)')
 }
 const names = args.only ? args.only.split(',') : PAIRS
+const BASELINE = ' (baseline)'
+const labels = args.baseline === undefined ? names : names.flatMap((name) => [name + BASELINE, name])
 const connections = Number(args.connections)
 const warmup = Number(args.warmup)
 const requests = Number(args.requests)
@@ -88,9 +94,11 @@ function countWindow (pid) {
   return { all, withoutCompiler: all - compiler }
 }
 
-async function measure (name) {
+async function measure (label) {
+  const name = label.replace(BASELINE, '')
+  const appFile = label.endsWith(BASELINE) ? join(resolvePath(args.baseline), 'bench', 'app.js') : undefined
   const app = await startApp(name, ['valgrind', '-q', '--tool=callgrind', `--callgrind-out-file=${join(dir, 'cg.%p')}`,
-    '--dump-instr=no', process.execPath, '--single-threaded'])
+    '--dump-instr=no', process.execPath, '--single-threaded'], appFile)
   const pid = String(app.child.pid)
   const dump = () => execFileSync('callgrind_control', ['-d', pid], { stdio: 'ignore' })
   let seen = 0
@@ -123,7 +131,7 @@ async function measure (name) {
     await exited
   }
   const counts = countWindow(pid)
-  if (args.keep !== undefined) copyFileSync(join(dir, `cg.${pid}.2`), join(args.keep, `callgrind.${name}.${pid}`))
+  if (args.keep !== undefined) copyFileSync(join(dir, `cg.${pid}.2`), join(args.keep, `callgrind.${label.replace(BASELINE, '.baseline')}.${pid}`))
   for (const f of readdirSync(dir)) if (f.startsWith(`cg.${pid}`)) rmSync(join(dir, f))
   return { all: counts.all / requests, withoutCompiler: counts.withoutCompiler / requests }
 }
@@ -132,7 +140,7 @@ const results = {}
 const started = Date.now()
 try {
   for (let rep = 1; rep <= Number(args.reps); rep++) {
-    for (const name of names) {
+    for (const name of labels) {
       const r = await measure(name)
       ;(results[name] ??= []).push(r)
       // Much compiling in the window means the app was still warming up.
@@ -148,14 +156,23 @@ const k = (x) => (x / 1000).toFixed(2)
 let md = `# Instructions per request\n\n${new Date().toISOString().slice(0, 10)} · Node ${process.version} · valgrind callgrind, node --single-threaded · ` +
   `${connections} connections · ${requests} requests counted after ${warmup}, ${args.reps} app processes per variant\n\n` +
   '| variant | k instructions/request (each process) | median | anchor | anchor ÷ variant |\n|---|---|---:|---|---:|\n'
-for (const name of names) {
-  const counts = results[name].map((r) => r.withoutCompiler)
-  const anchor = variants[name].anchor
-  const vs = anchor && results[anchor] ? median(results[anchor].map((r) => r.withoutCompiler)) / median(counts) : NaN
-  md += `| ${name} | ${counts.map(k).join(', ')} | ${k(median(counts))} | ${anchor ?? '–'} | ${Number.isFinite(vs) ? vs.toFixed(4) : '–'} |\n`
+for (const label of labels) {
+  const counts = results[label].map((r) => r.withoutCompiler)
+  const anchor = variants[label.replace(BASELINE, '')].anchor
+  const anchorLabel = anchor && label.endsWith(BASELINE) ? anchor + BASELINE : anchor
+  const vs = anchor && results[anchorLabel] ? median(results[anchorLabel].map((r) => r.withoutCompiler)) / median(counts) : NaN
+  md += `| ${label} | ${counts.map(k).join(', ')} | ${k(median(counts))} | ${anchor ?? '–'} | ${Number.isFinite(vs) ? vs.toFixed(4) : '–'} |\n`
+}
+if (args.baseline !== undefined) {
+  md += `\nAgainst the baseline (${args.baseline}), median to median:\n\n`
+  for (const name of names) {
+    const before = median(results[name + BASELINE].map((r) => r.withoutCompiler))
+    const after = median(results[name].map((r) => r.withoutCompiler))
+    md += `- ${name}: ${k(before)} k → ${k(after)} k (${after >= before ? '+' : ''}${((after / before - 1) * 100).toFixed(2)} %)\n`
+  }
 }
 md += '\n"anchor ÷ variant" is the throughput ratio the app would reach if its own CPU were all that limited it: ' +
   'compare it with the budget lines of `npm run bench`.\n' +
   `\nTotal time: ${((Date.now() - started) / 1000).toFixed(0)} s. Command: \`npm run bench:instructions\`${process.argv.length > 2 ? ` -- ${process.argv.slice(2).join(' ')}` : ''}.\n`
-writeFileSync(new URL('./instructions.md', import.meta.url), md)
+if (args.only === undefined && args.baseline === undefined) writeFileSync(new URL('./instructions.md', import.meta.url), md)
 console.log(md)

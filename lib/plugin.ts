@@ -8,7 +8,7 @@ import { waitForDatabase } from './observability/startup.js'
 import { type RequestDbOptions, type ResolvedOptions, resolveOptions } from './options.js'
 import { ClientGate } from './pool.js'
 import type { PostgresPool } from './postgres-pool.js'
-import { createRedactor } from './redact.js'
+import { createRedactor, loggableError } from './redact.js'
 import { addShutdownHooks } from './shutdown.js'
 
 /** The lifecycle, in order. Each step lives in the file it names. */
@@ -74,7 +74,7 @@ function clientWithConnectTimeout (ms: number): typeof pg.Client {
  */
 function watchIdleClients (fastify: FastifyInstance, pool: PostgresPool, redact: (text: string) => string): void {
   pool.on('error', (err) => {
-    fastify.log.warn({ err: { type: err.name, message: redact(err.message), code: (err as { code?: string }).code } },
+    fastify.log.warn({ err: loggableError(err, redact) },
       'fastify-request-db: an idle database connection failed and was removed from the pool')
   })
 }

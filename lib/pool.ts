@@ -7,13 +7,13 @@ import {
   FST_REQUEST_DB_UNAVAILABLE
 } from './errors.js'
 import { promised, type Taken } from './checkout.js'
+import { now } from './clock.js'
 import { type ClientHolder, HeldClients } from './held-clients.js'
 import { type AcquireMessage, acquireChannel, type DestroyReason, publishEnd, releaseChannel, type ReleaseMessage } from './observability/channels.js'
 import { LeakDetector } from './observability/leak-detector.js'
 import type { ResolvedOptions } from './options.js'
 import type { PostgresPool } from './postgres-pool.js'
 import { WaitQueue } from './wait-queue.js'
-import { now } from './clock.js'
 
 /** Pool figures: `leased` is the clients held by requests right now. */
 export interface DbStats {

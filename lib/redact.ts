@@ -22,3 +22,26 @@ export function createRedactor (secrets: readonly string[]): (text: string) => s
     return out
   }
 }
+
+/** An error as it may be logged under pino's `err` key: name, redacted message and code. */
+export interface LoggableError {
+  name: string
+  message: string
+  code?: string
+}
+
+/**
+ * `err` as it may be logged: its message redacted, no stack or driver internals (a pg error's
+ * fields can quote the statement). Made without a prototype: pino's err serializer takes `type`
+ * from an error's constructor, which for a plain object says `Object`; with none it takes `name`.
+ */
+export function loggableError (err: unknown, redact: (text: string) => string): LoggableError {
+  const e = err as { name?: unknown, message?: unknown, code?: unknown }
+  const loggable = Object.create(null) as LoggableError
+  loggable.name = typeof e?.name === 'string' ? e.name : 'Error'
+  if (typeof e?.code === 'string') loggable.code = e.code
+  // Node's connection errors can come with an empty message (an AggregateError of ECONNREFUSED).
+  const message = typeof e?.message === 'string' ? e.message : String(err)
+  loggable.message = redact(message !== '' ? message : loggable.code ?? loggable.name)
+  return loggable
+}

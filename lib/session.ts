@@ -2,6 +2,7 @@ import type { FastifyBaseLogger, FastifyRequest } from 'fastify'
 import type { PoolClient, QueryConfig, QueryResult, QueryResultRow, Submittable as PgSubmittable } from 'pg'
 import { requestCancel } from './cancel.js'
 import type { Taken } from './checkout.js'
+import { now } from './clock.js'
 import {
   FST_REQUEST_DB_CLOSING,
   FST_REQUEST_DB_COMMIT_FAILED,
@@ -9,14 +10,14 @@ import {
   FST_REQUEST_DB_TRANSACTION_STATEMENT
 } from './errors.js'
 import type { ClientHolder } from './held-clients.js'
+import { cancelChannel, type DestroyReason, publishEnd, queryChannel, type QueryMessage } from './observability/channels.js'
 import type { LeaseActivity } from './observability/lease-activity.js'
 import { type ClientGate, isConnectionError } from './pool.js'
-import { cancelChannel, type DestroyReason, publishEnd, queryChannel, type QueryMessage } from './observability/channels.js'
+import { type LoggableError, loggableError } from './redact.js'
 import { changesSessionState } from './session-state.js'
 import { cutConnection, failSubmittable, isSubmittable, type Submittable, submittableText, tryCloseCursor, whenSubmittableDone } from './streams.js'
 import { runTransaction, type TransactionHost } from './transaction.js'
 import { savepointName, type TransactionStatement, transactionStatement } from './transaction-control.js'
-import { now } from './clock.js'
 
 /** Queries on one connection: what `app.db.transaction` and `request.db.transaction` hand to `fn`. */
 export interface DbSession {
@@ -159,8 +160,8 @@ export class Session implements ClientHolder, TransactionHost<Session>, DbSessio
   }
 
   /** An error as it may be logged: its message redacted, no stack or driver internals. */
-  protected loggable (err: Error): { type: string, message: string, code?: string } {
-    return { type: err.name, message: this.gate.redact(err.message), code: (err as { code?: string }).code }
+  protected loggable (err: Error): LoggableError {
+    return loggableError(err, this.gate.redact)
   }
 
   /**

@@ -46,6 +46,10 @@ t.test('a database that comes up late: ready() waits for it, each failed try log
   t.ok(retries.length >= 2 && retries.length <= 4, `${retries.length} failed tries logged`)
   t.same(retries.slice(0, 2).map((l) => [l.level, l.tries, l.retryInMs]), [[40, 1, 250], [40, 2, 500]], 'warn, with backoff doubling')
   t.match((retries[0].err as { code?: string }).code, 'ECONNREFUSED')
+  // pino's err serializer names `type` after the error, not "Object" (the logged copy is a plain one).
+  t.equal((retries[0].err as { type?: string }).type, (retries[0].err as { name?: string }).name, 'type: the error\'s name')
+  t.not((retries[0].err as { type?: string }).type, 'Object')
+  t.notOk('stack' in (retries[0].err as object) && (retries[0].err as { stack?: string }).stack !== '', 'no stack')
   t.match(retries[0].msg, `127.0.0.1:${proxy.port}/${db.name} yet; trying again until connectTimeoutMs=20000 runs out`)
   t.ok(log.lines().some((l) => l.msg === 'fastify-request-db: the database is reachable' && l.tries === retries.length + 1), 'and one line when it is')
   t.notOk(log.text().includes(password), 'no password in any line')

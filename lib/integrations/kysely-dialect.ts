@@ -29,8 +29,8 @@ import {
   type QueryResult
 } from 'kysely'
 import type { Submittable } from 'pg'
-import type { RequestDb } from '../lease.js'
 import { now } from '../clock.js'
+import type { RequestDb } from '../lease.js'
 
 /** What a request's Kysely is built from: the app's, made once by `kyselyFactory`. */
 export interface BindingSettings {

@@ -1,7 +1,7 @@
+import { now } from '../clock.js'
 import { FST_REQUEST_DB_UNAVAILABLE } from '../errors.js'
 import type { ClientGate, DbStats } from '../pool.js'
 import { Session } from '../session.js'
-import { now } from '../clock.js'
 
 /** What `app.db.health()` resolves to. */
 export interface DbHealth {

@@ -1,5 +1,5 @@
-import type { LeaseActivity, StatementText } from './lease-activity.js'
 import { now } from '../clock.js'
+import type { LeaseActivity, StatementText } from './lease-activity.js'
 
 // Enough of a statement to recognise it in a log line; the rest is left out.
 const STATEMENT_CHARS = 200

@@ -1,6 +1,6 @@
 import type { FastifyRequest } from 'fastify'
-import type { LeakDetector } from './leak-detector.js'
 import { now } from '../clock.js'
+import type { LeakDetector } from './leak-detector.js'
 
 /** A statement as the lease saw it: text, a QueryConfig, or a stream (submittable). */
 export type StatementText = string | { text?: string, cursor?: { text?: string } }

@@ -1,9 +1,10 @@
 import type { FastifyBaseLogger } from 'fastify'
 import { setTimeout as sleep } from 'node:timers/promises'
+import { now } from '../clock.js'
 import { FST_REQUEST_DB_CONNECT } from '../errors.js'
 import type { ClientHolder } from '../held-clients.js'
 import type { ClientGate } from '../pool.js'
-import { now } from '../clock.js'
+import { loggableError } from '../redact.js'
 
 // Between tries: 250 ms, doubling up to 5 s (a database starting in a container is typically up
 // within seconds; polling it faster only adds log lines).
@@ -37,7 +38,7 @@ export async function waitForDatabase (gate: ClientGate, options: { target: stri
       throw new FST_REQUEST_DB_CONNECT(target, `${reason} (gave up after ${tries} ${tries === 1 ? 'try' : 'tries'}; connectTimeoutMs=${connectTimeoutMs})`, { cause: root })
     }
     const wait = Math.ceil(Math.min(delay, left))
-    log.warn({ err: { type: (root as Error).name, message: reason, code }, tries, retryInMs: wait },
+    log.warn({ err: loggableError(root, gate.redact), tries, retryInMs: wait },
       `fastify-request-db: cannot reach PostgreSQL at ${target} yet; trying again until connectTimeoutMs=${connectTimeoutMs} runs out`)
     await sleep(wait)
     delay = Math.min(delay * 2, MAX_DELAY_MS)
