@@ -115,6 +115,17 @@ export class Lease extends Session implements RequestDb {
     return Promise.resolve()
   }
 
+  /**
+   * The route's transaction opens when the request takes its client. Read before that, the depth
+   * is 0 and `transaction(fn)` would send a BEGIN (ignored by the server) and a COMMIT of its own,
+   * committing the route's transaction half-way and running what follows outside any transaction.
+   * So the client is taken first, and `fn` nests inside the route's transaction as a savepoint.
+   */
+  override transaction<T> (fn: (tx: this) => Promise<T> | T): Promise<T> {
+    if (this.current !== null) return super.transaction(fn)
+    return promised((taken) => this.withClient(taken)).then(() => super.transaction(fn))
+  }
+
   /** Is this a route transaction's route (`config.db.transaction`)? Read only where it's needed. */
   isTransactionRoute (): boolean {
     return (this.request.routeOptions.config as { db?: RouteDbConfig }).db?.transaction === true
