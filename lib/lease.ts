@@ -6,7 +6,7 @@ import { promised, type Taken } from './checkout.js'
 import { FST_REQUEST_DB_CLOSING, FST_REQUEST_DB_COMMIT_FAILED, FST_REQUEST_DB_CONTEXT_STATEMENT, FST_REQUEST_DB_RELEASED } from './errors.js'
 import { LeaseActivity } from './observability/lease-activity.js'
 import type { ClientGate } from './pool.js'
-import { type AppliedContext, contextFunctionFor, type DbContextFunction, Refusal, refusedByDatabase, resolveContext } from './request-context.js'
+import { type AppliedContext, callContext, checkContext, contextFailed, contextFunctionFor, type DbContextFunction, isThenable, Refusal, refusedByDatabase } from './request-context.js'
 import { connectionGone, isStream, responseEnded } from './response-state.js'
 import { CANCEL_GRACE_MS, type DbSession, notCommitted, OWN, Session } from './session.js'
 
@@ -366,19 +366,47 @@ export class Lease extends Session implements RequestDb {
     this.gate.take(this, (err, taken) => scope.runInAsyncScope(this.taken, this, err, taken))
   }
 
+  /** A synchronous context function goes on at once: no promise, no tick. */
   private resolveContext (fn: unknown, scope: AsyncResource): void {
-    resolveContext(fn, this.request, this.gate).then((context) => {
-      this.context = context
-      // Set before any statement can be sent: they all wait for the client.
-      if (context !== null) this.guard = context
-      if (this.state === ACQUIRING) this.takeClient(scope)
-      else this.answerWaiters(new FST_REQUEST_DB_RELEASED())
-    }, (err: Error) => {
-      // Every later use fails the same way: the request never runs without its context.
-      this.guard = new Refusal(err)
-      if (this.state === ACQUIRING) this.state = IDLE
-      this.answerWaiters(err)
-    })
+    let context: AppliedContext | null
+    try {
+      const result = callContext(fn, this.request, this.gate.redact)
+      if (isThenable(result)) {
+        result.then((value) => this.checkThenTake(value, scope), (err: unknown) => this.contextRejected(contextFailed(err, this.gate.redact)))
+        return
+      }
+      context = checkContext(result, this.gate.contextRoles)
+    } catch (err) {
+      this.contextRejected(err as Error)
+      return
+    }
+    this.contextResolved(context, scope)
+  }
+
+  private checkThenTake (value: unknown, scope: AsyncResource): void {
+    let context: AppliedContext | null
+    try {
+      context = checkContext(value, this.gate.contextRoles)
+    } catch (err) {
+      this.contextRejected(err as Error)
+      return
+    }
+    this.contextResolved(context, scope)
+  }
+
+  private contextResolved (context: AppliedContext | null, scope: AsyncResource): void {
+    this.context = context
+    // Set before any statement can be sent: they all wait for the client.
+    if (context !== null) this.guard = context
+    if (this.state === ACQUIRING) this.takeClient(scope)
+    else this.answerWaiters(new FST_REQUEST_DB_RELEASED())
+  }
+
+  private contextRejected (err: Error): void {
+    // Every later use fails the same way: the request never runs without its context.
+    this.guard = new Refusal(err)
+    if (this.state === ACQUIRING) this.state = IDLE
+    this.answerWaiters(err)
   }
 
   private taken (err: Error | null, client: PoolClient | undefined): void {
@@ -431,6 +459,11 @@ export class Lease extends Session implements RequestDb {
       // aborted, and rolled back at release; nothing else runs on it.
       const refused = refusedByDatabase(beginError, this.gate.redact)
       this.guard = new Refusal(refused)
+      // pg reports the error before the server's ReadyForQuery: the transaction status it shows may
+      // still be the idle one from before this BEGIN, and an aborted transaction would go back to
+      // the pool as clean. The connection is closed instead (this is a misconfiguration, not a
+      // hot path).
+      this.dirty = true
       this.answerWaiters(refused)
     })
   }

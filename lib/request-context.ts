@@ -50,22 +50,25 @@ export function contextFunctionFor (appFunction: DbContextFunction | null, route
   return own === false ? null : own
 }
 
-/** Call the context function for `request` and check what it gives. */
-export function resolveContext (fn: unknown, request: FastifyRequest, gate: ClientGate): Promise<AppliedContext | null> {
-  if (typeof fn !== 'function') {
-    return Promise.reject(new FST_REQUEST_DB_INVALID_CONTEXT(`config.db.context must be a function or false, got ${kind(fn)}`))
-  }
-  let result: unknown
+/**
+ * Call the context function for `request`: what it returned (a context to check, or a promise of
+ * one). Throws the typed error when it is not a function or throws.
+ */
+export function callContext (fn: unknown, request: FastifyRequest, redact: (text: string) => string): unknown {
+  if (typeof fn !== 'function') throw new FST_REQUEST_DB_INVALID_CONTEXT(`config.db.context must be a function or false, got ${kind(fn)}`)
   try {
-    result = fn(request)
+    return fn(request)
   } catch (err) {
-    return Promise.reject(contextFailed(err, gate.redact))
+    throw contextFailed(err, redact)
   }
-  return Promise.resolve(result).then((value) => checkContext(value, gate.contextRoles),
-    (err: unknown) => { throw contextFailed(err, gate.redact) })
 }
 
-function contextFailed (err: unknown, redact: (text: string) => string): Error {
+export function isThenable (value: unknown): value is PromiseLike<unknown> {
+  return value !== null && typeof value === 'object' && typeof (value as { then?: unknown }).then === 'function'
+}
+
+/** What a context function that threw (or rejected) answers the request with. */
+export function contextFailed (err: unknown, redact: (text: string) => string): Error {
   const failed = new FST_REQUEST_DB_CONTEXT_FAILED(redact(err instanceof Error ? err.message : String(err)), { cause: err })
   // A 401 for a bad token stays a 401; anything else is the server's fault.
   const status = (err as { statusCode?: unknown } | null)?.statusCode
@@ -184,7 +187,7 @@ export class AppliedContext implements StatementGuard {
   /** BEGIN and the context, in one round trip (a new statement object each time: pg's are single-use). */
   begin (): QueryConfig {
     if (this.text === null) return OWN.BEGIN
-    return markOwn(new BeginWithContext({ text: this.text, values: this.values }) as unknown as QueryConfig)
+    return markOwn(new BeginWithContext(this.text, this.values) as unknown as QueryConfig)
   }
 
   refuse (sql: string): Error | null {
@@ -215,49 +218,102 @@ export class Refusal implements StatementGuard {
   }
 }
 
-/** The slice of pg's Connection that BEGIN is written with. */
+/** The slice of pg's Connection the statement is written to. */
 interface PgConnection {
-  parse (query: { text: string }): void
-  bind (config: object): void
-  execute (config: object): void
-  stream: { cork?: () => void, uncork?: () => void }
+  _send (buffer: Buffer): boolean
 }
 interface PgQueryInternals {
   submit (connection: PgConnection): Error | null
   handleCommandComplete (message: unknown, connection: PgConnection): void
+  handleRowDescription (message: unknown): void
+  handleDataRow (message: unknown): void
 }
 const PgQuery = pg.Query as unknown as new (config: QueryConfig) => PgQueryInternals
 
 /**
- * pg's Query for the context's SELECT, with an unnamed Parse/Bind/Execute of BEGIN written in
- * front of it on the wire. The SELECT's own Parse/Bind/Describe/Execute and its Sync follow, so the
- * server answers both with one ReadyForQuery: one round trip. Had BEGIN failed, the server would
- * skip to the Sync, and the error is this query's. BEGIN's CommandComplete is not part of the result.
+ * pg's Query for BEGIN and the context's SELECT, written as one buffer of extended-protocol
+ * messages with one Sync at the end, so the server answers both with one ReadyForQuery: one round
+ * trip, and one write. pg sends a statement at a time and waits for its ReadyForQuery before the
+ * next, so two queries (or pg's own `Query` for the SELECT after a BEGIN) would be two.
+ *
+ *   Parse(BEGIN) Bind Execute · Parse(SELECT set_config…) Bind($1…$n) Execute · Sync
+ *
+ * No Describe: the SELECT's row is not read, so the server sends no RowDescription and pg parses
+ * no row (the benchmark showed both). Had BEGIN failed, the server would skip to the Sync, and the
+ * error is this query's; so is a failed set_config (a role that does not exist).
  */
 class BeginWithContext extends PgQuery {
+  private readonly parseSelect: Buffer
+  private readonly bindValues: Buffer
   private begun = false
 
+  constructor (text: string, values: readonly string[]) {
+    super({ text })
+    this.parseSelect = parseMessage(text)
+    this.bindValues = bindMessage(values)
+  }
+
   override submit (connection: PgConnection): Error | null {
-    const stream = connection.stream
-    if (typeof stream.cork === 'function') stream.cork()
-    try {
-      connection.parse({ text: 'BEGIN' })
-      connection.bind({})
-      connection.execute({})
-      return super.submit(connection)
-    } finally {
-      if (typeof stream.uncork === 'function') stream.uncork()
-    }
+    const sent = connection._send(Buffer.concat([BEGIN_MESSAGES, this.parseSelect, this.bindValues, EXECUTE_SYNC]))
+    // false is backpressure (the bytes are queued), or a stream that is no longer writable.
+    return sent || (connection as { stream?: { writable?: boolean } }).stream?.writable !== false ? null : new Error('Connection is not writable')
   }
 
   override handleCommandComplete (message: unknown, connection: PgConnection): void {
+    // BEGIN's: the result is the SELECT's.
     if (!this.begun) {
       this.begun = true
       return
     }
     super.handleCommandComplete(message, connection)
   }
+
+  override handleRowDescription (): void {}
+  override handleDataRow (): void {}
 }
+
+// The messages, as the protocol defines them (https://www.postgresql.org/docs/current/protocol-message-formats.html):
+// a type byte, an Int32 length that counts itself, the body. Strings are NUL-terminated UTF-8.
+function message (type: string, body: Buffer): Buffer {
+  const head = Buffer.allocUnsafe(5)
+  head.write(type, 0, 'latin1')
+  head.writeInt32BE(body.length + 4, 1)
+  return Buffer.concat([head, body])
+}
+
+function cString (text: string): Buffer {
+  return Buffer.from(`${text}\0`, 'utf8')
+}
+
+const int16 = (n: number): Buffer => { const b = Buffer.allocUnsafe(2); b.writeInt16BE(n, 0); return b }
+const int32 = (n: number): Buffer => { const b = Buffer.allocUnsafe(4); b.writeInt32BE(n, 0); return b }
+
+// Parse: the unnamed statement, its text, no parameter types given (the server infers text).
+const parsed = new Map<string, Buffer>()
+function parseMessage (text: string): Buffer {
+  let buffer = parsed.get(text)
+  if (buffer === undefined) {
+    buffer = message('P', Buffer.concat([cString(''), cString(text), int16(0)]))
+    parsed.set(text, buffer)
+  }
+  return buffer
+}
+
+// Bind: the unnamed portal to the unnamed statement, every parameter in text format (no format
+// codes given), each as its length and its UTF-8 bytes; results in text format.
+function bindMessage (values: readonly string[]): Buffer {
+  const parts: Buffer[] = [cString(''), cString(''), int16(0), int16(values.length)]
+  for (const value of values) {
+    const bytes = Buffer.from(value, 'utf8')
+    parts.push(int32(bytes.length), bytes)
+  }
+  parts.push(int16(0))
+  return message('B', Buffer.concat(parts))
+}
+
+// Execute: the unnamed portal, all rows. Sync: end of the batch.
+const EXECUTE_SYNC = Buffer.concat([message('E', Buffer.concat([cString(''), int32(0)])), message('S', Buffer.alloc(0))])
+const BEGIN_MESSAGES = Buffer.concat([parseMessage('BEGIN'), bindMessage([]), message('E', Buffer.concat([cString(''), int32(0)]))])
 
 /**
  * `app.db.withContext(context, fn)`: a session whose transaction opens with the context applied,
@@ -277,7 +333,10 @@ export class ContextSession extends Session {
     try {
       await this.send(this.current as PoolClient, this.context.begin())
     } catch (err) {
-      throw this.broken ? err : refusedByDatabase(err as Error, this.gate.redact)
+      if (this.broken) throw err
+      // As in a request (Lease.begin): pg's transaction status may not show the aborted BEGIN yet.
+      this.dirty = true
+      throw refusedByDatabase(err as Error, this.gate.redact)
     }
   }
 }

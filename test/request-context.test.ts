@@ -307,6 +307,8 @@ t.test('a role the database refuses: a typed error, nothing else runs, the clien
   t.equal(second, 'FST_REQUEST_DB_INVALID_CONTEXT', 'a second statement is refused the same way')
   await settled(t, app)
   t.equal((await app.db.query('SELECT 1 AS one')).rows[0].one, 1, 'the pool still serves')
+  await t.rejects(app.db.withContext({ role: 'no_such_role_17' }, async () => 'ran'), { code: 'FST_REQUEST_DB_INVALID_CONTEXT', message: /the database refused it/ })
+  for (let i = 0; i < 3; i++) t.equal((await app.db.query('SELECT 1 AS one')).rows[0].one, 1, 'no aborted transaction went back to the pool')
 })
 
 t.test('app.db: no context, or app.db.withContext(context, fn)', async (t) => {
