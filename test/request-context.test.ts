@@ -106,6 +106,8 @@ t.test('a context function that throws or rejects: a typed error with its cause,
     contextRoles: [role],
     context: (request) => {
       if (request.url === '/sync-throw') throw new Error('sync failure')
+      // eslint-disable-next-line no-throw-literal
+      if (request.url === '/throw-string') throw 'not an Error'
       if (request.url === '/reject') return Promise.reject(unauthorized)
       return { role }
     }
@@ -125,6 +127,7 @@ t.test('a context function that throws or rejects: a typed error with its cause,
   }
   app.get('/sync-throw', handler)
   app.get('/reject', handler)
+  app.get('/throw-string', handler)
   await app.ready()
   const before = counts.acquired
   const sync = await app.inject('/sync-throw')
@@ -136,6 +139,7 @@ t.test('a context function that throws or rejects: a typed error with its cause,
   t.equal(rejected.statusCode, 401, "the thrown error's 4xx is kept")
   t.equal(rejected.json().code, 'FST_REQUEST_DB_CONTEXT_FAILED')
   t.equal((caught as Error).cause, unauthorized, 'the thrown error is the cause')
+  t.match((await app.inject('/throw-string')).json(), { statusCode: 500, code: 'FST_REQUEST_DB_CONTEXT_FAILED', message: /resolved: not an Error$/ })
   t.equal(counts.acquired - before, 0, 'no client was taken, so no statement ran')
 })
 
@@ -153,7 +157,9 @@ t.test('a context that is not one: FST_REQUEST_DB_INVALID_CONTEXT naming what is
     ['NUL in a value', { settings: { 'app.tenant_id': 'a\0b' } }, /contains a NUL character/],
     ['one name twice', { settings: { 'app.tenant_id': 'a', 'APP.TENANT_ID': 'b' } }, /given twice/],
     ['a role outside contextRoles', { role: 'postgres' }, /role "postgres" is not in contextRoles/],
-    ['a role of the wrong type', { role: 42 }, /role must be a string, got a number/]
+    ['a role of the wrong type', { role: 42 }, /role must be a string, got a number/],
+    ['settings as an array', { settings: ['app.tenant_id'] }, /settings must be an object of name: value, got an array/],
+    ['null as a value', { settings: { 'app.tenant_id': null } }, /the value of app\.tenant_id is null/]
   ]
   const app = await buildApp(db, { pool, contextRoles: [role], context: (request) => cases[Number((request.query as { i: string }).i)][1] as DbContext })
   app.get('/', async (request) => (await request.db.query('SELECT 1 AS one')).rows[0])
@@ -344,6 +350,14 @@ t.test('app.db: no context, or app.db.withContext(context, fn)', async (t) => {
   await t.rejects(app.db.withContext({ role: 'postgres' }, async () => 1), { code: 'FST_REQUEST_DB_INVALID_CONTEXT' })
   await t.rejects(app.db.withContext(null as never, async () => 1), { code: 'FST_REQUEST_DB_INVALID_CONTEXT', message: /needs a context/ })
   await settled(t, app)
+})
+
+t.test('a role with no contextRoles configured is refused, and says how to allow it', async (t) => {
+  const app = await buildApp(db, { context: () => ({ role }) })
+  app.get('/', async (request) => (await request.db.query(WHO)).rows[0])
+  const res = await app.inject('/')
+  t.equal(res.statusCode, 500)
+  t.match(res.json(), { code: 'FST_REQUEST_DB_INVALID_CONTEXT', message: /is not in contextRoles \(none are allowed: set the contextRoles option\)/ })
 })
 
 t.test('options: context must be a function, contextRoles role names', async (t) => {
