@@ -16,6 +16,19 @@ import { Registry } from 'prom-client'
 const MAX = 10
 const ONE = 'SELECT $1::int AS n'
 
+const CONTEXT_ROLE = 'bench_tenant'
+
+/** The role request-db-context switches to: created once on the bench's server. */
+async function ensureRole (url, role) {
+  const client = new pg.Client({ connectionString: url })
+  await client.connect()
+  try {
+    await client.query(`DO $$ BEGIN CREATE ROLE ${role} NOLOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$`)
+  } finally {
+    await client.end()
+  }
+}
+
 function intOf (request) {
   return Number(request.query.n) | 0
 }
@@ -121,6 +134,24 @@ export const variants = {
       const app = Fastify({ logger: false })
       await app.register(requestDb, { connectionString: url, max: MAX })
       app.get('/q', { config: { db: { transaction: true } } }, async (request) => (await request.db.query(ONE, [intOf(request)])).rows[0])
+      return app
+    }
+  },
+  // A database context (#17): the same route, its transaction opened with two settings and a role
+  // (BEGIN and set_config in one round trip). The context function is synchronous here: an async
+  // one (reading a verified JWT, say) adds its own cost, which is the app's.
+  'request-db-context': {
+    anchor: 'request-db-transaction',
+    async build (url) {
+      await ensureRole(url, CONTEXT_ROLE)
+      const app = Fastify({ logger: false })
+      await app.register(requestDb, {
+        connectionString: url,
+        max: MAX,
+        contextRoles: [CONTEXT_ROLE],
+        context: (request) => ({ settings: { 'app.tenant_id': String(intOf(request) % 4), 'app.user_id': request.id }, role: CONTEXT_ROLE })
+      })
+      app.get('/q', async (request) => (await request.db.query(ONE, [intOf(request)])).rows[0])
       return app
     }
   },

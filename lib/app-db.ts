@@ -1,7 +1,9 @@
 import type { QueryConfig, QueryResult, QueryResultRow } from 'pg'
 import { checkHealth, type DbHealth, type DbHealthOptions } from './observability/health.js'
 import type { ClientGate, DbStats } from './pool.js'
+import { FST_REQUEST_DB_INVALID_CONTEXT } from './errors.js'
 import type { PostgresPool } from './postgres-pool.js'
+import { checkContext, ContextSession, type DbContext } from './request-context.js'
 import { type DbSession, Session } from './session.js'
 import { isSubmittable } from './streams.js'
 
@@ -17,6 +19,12 @@ export interface AppDb {
   ): Promise<QueryResult<R>>
   /** BEGIN … COMMIT on one pool client; ROLLBACK and rethrow if `fn` throws. */
   transaction<T> (fn: (tx: DbSession) => Promise<T> | T): Promise<T>
+  /**
+   * `transaction(fn)` as a request with this database context: the transaction opens with its
+   * settings and role applied (one round trip with BEGIN), and statements that would change them
+   * are refused. (`query` and `transaction` outside a request have no context.)
+   */
+  withContext<T> (context: DbContext, fn: (tx: DbSession) => Promise<T> | T): Promise<T>
   /**
    * `{ total, idle, waiting, leased, leaksDetected }`: leased is the clients held by requests right
    * now; leaksDetected counts requests reported by `leakDetectionMs`.
@@ -57,6 +65,18 @@ export class AppDatabase implements AppDb {
     return this.withSession((session) => session.transaction(fn))
   }
 
+  withContext<T> (context: DbContext, fn: (tx: DbSession) => Promise<T> | T): Promise<T> {
+    let session: ContextSession
+    try {
+      const checked = checkContext(context, this.gate.contextRoles)
+      if (checked === null) throw new FST_REQUEST_DB_INVALID_CONTEXT('app.db.withContext(context, fn) needs a context, not null: use app.db.transaction(fn)')
+      session = new ContextSession(this.gate, checked)
+    } catch (err) {
+      return Promise.reject(err)
+    }
+    return this.withSession((tx) => tx.transaction(fn), session)
+  }
+
   stats (): DbStats {
     return this.gate.stats()
   }
@@ -65,8 +85,7 @@ export class AppDatabase implements AppDb {
     return checkHealth(this.gate, options)
   }
 
-  private async withSession<T> (work: (session: Session) => Promise<T>): Promise<T> {
-    const session = new Session(this.gate)
+  private async withSession<T> (work: (session: Session) => Promise<T>, session = new Session(this.gate)): Promise<T> {
     await session.open()
     try {
       return await work(session)

@@ -11,7 +11,7 @@ declare module 'fastify' {
     db: RequestDb
   }
   interface FastifyContextConfig {
-    /** fastify-request-db route settings, e.g. `{ transaction: true }`. */
+    /** fastify-request-db route settings, e.g. `{ transaction: true }`, `{ context: false }`. */
     db?: RouteDbConfig
   }
 }

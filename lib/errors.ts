@@ -88,6 +88,41 @@ export const FST_REQUEST_DB_TRANSACTION_STATEMENT = createError<'FST_REQUEST_DB_
   500
 )
 
+/**
+ * The `context` function threw or rejected (a bad token, say). Nothing ran on the database. The
+ * status is the thrown error's when it is a 4xx (a 401 for a bad JWT stays a 401), else 500; the
+ * thrown error is the cause.
+ */
+export const FST_REQUEST_DB_CONTEXT_FAILED = createError<'FST_REQUEST_DB_CONTEXT_FAILED', 500, [reason: string, options?: Cause]>(
+  'FST_REQUEST_DB_CONTEXT_FAILED',
+  'The database context of this request could not be resolved: %s',
+  500
+)
+
+/**
+ * A database context the plugin will not apply: the `context` function returned something that is
+ * not one (an unknown key, a setting name that is not `prefix.name`, a value that is not a string,
+ * number or boolean, a role not in `contextRoles`), or the database refused it (a role that does
+ * not exist). Names what was wrong, never a value. Nothing of the request ran. 500.
+ */
+export const FST_REQUEST_DB_INVALID_CONTEXT = createError<'FST_REQUEST_DB_INVALID_CONTEXT', 500, [reason: string, options?: Cause]>(
+  'FST_REQUEST_DB_INVALID_CONTEXT',
+  'Invalid database context: %s',
+  500
+)
+
+/**
+ * In a request (or `app.db.withContext`) with a database context, a statement that would change
+ * its identity: `SET ROLE`, `RESET ROLE`, `SET SESSION AUTHORIZATION`, `RESET ALL`,
+ * `set_config('role', …)`, a `SET`/`RESET`/`set_config` of one of the context's settings, or
+ * `request.db.client()`, whose statements can't be checked. Refused before it is sent. 500.
+ */
+export const FST_REQUEST_DB_CONTEXT_STATEMENT = createError<'FST_REQUEST_DB_CONTEXT_STATEMENT', 500, [reason: string]>(
+  'FST_REQUEST_DB_CONTEXT_STATEMENT',
+  'Statement refused in a request with a database context: %s',
+  500
+)
+
 /** Codes a client may retry after a pause: the handler answers them with `Retry-After`. */
 export const RETRYABLE_CODES: ReadonlySet<string> = new Set([
   'FST_REQUEST_DB_ACQUIRE_TIMEOUT',

@@ -3,9 +3,10 @@ import type { FastifyBaseLogger, FastifyReply, FastifyRequest } from 'fastify'
 import { pipeline, type Readable, Transform } from 'node:stream'
 import type { PoolClient, QueryConfig, QueryResult } from 'pg'
 import { promised, type Taken } from './checkout.js'
-import { FST_REQUEST_DB_CLOSING, FST_REQUEST_DB_COMMIT_FAILED, FST_REQUEST_DB_RELEASED } from './errors.js'
+import { FST_REQUEST_DB_CLOSING, FST_REQUEST_DB_COMMIT_FAILED, FST_REQUEST_DB_CONTEXT_STATEMENT, FST_REQUEST_DB_RELEASED } from './errors.js'
 import { LeaseActivity } from './observability/lease-activity.js'
 import type { ClientGate } from './pool.js'
+import { type AppliedContext, callContext, checkContext, contextFailed, contextFunctionFor, type DbContextFunction, isThenable, Refusal, refusedByDatabase } from './request-context.js'
 import { connectionGone, isStream, responseEnded } from './response-state.js'
 import { CANCEL_GRACE_MS, type DbSession, notCommitted, OWN, Session } from './session.js'
 
@@ -37,6 +38,11 @@ export interface RequestDb extends DbSession {
 export interface RouteDbConfig {
   /** Run the whole request in one transaction: committed before the response if it succeeded. */
   transaction?: boolean
+  /**
+   * This route's database context function instead of the app's (`context` option), or `false`
+   * for none. A request with a context runs in a transaction, as `transaction: true` does.
+   */
+  context?: DbContextFunction | false
 }
 
 const IDLE = 0
@@ -77,6 +83,10 @@ export class Lease extends Session implements RequestDb {
   /** The request is over and its release waits for statements before it would cancel them. */
   private awaitingStatements = false
   private poolFace: Promise<RequestDbClient> | null = null
+  /** The route, read when a client is taken (routeOptions is built afresh on each read). */
+  private route: FastifyRequest['routeOptions'] | null = null
+  /** The request's database context: undefined until looked at, null for none. */
+  private context: AppliedContext | null | undefined = undefined
   /**
    * The request's async context (OpenTelemetry's active span, an AsyncLocalStorage store), taken
    * when the request first takes a client. Work for this request that starts from the sweep, the
@@ -93,6 +103,9 @@ export class Lease extends Session implements RequestDb {
 
   async client (): Promise<PoolClient> {
     if (this.broken) throw this.brokenError()
+    if (this.hasContextFunction()) {
+      throw new FST_REQUEST_DB_CONTEXT_STATEMENT("request.db.client() hands out a connection whose statements can't be checked; use request.db.query, or config.db.context: false on the route")
+    }
     const client = this.current ?? await promised((taken) => this.withClient(taken))
     if (this.poolRelease === undefined) {
       this.rawHandedOut = true
@@ -115,9 +128,27 @@ export class Lease extends Session implements RequestDb {
     return Promise.resolve()
   }
 
+  /**
+   * The route's transaction opens when the request takes its client. Read before that, the depth
+   * is 0 and `transaction(fn)` would send a BEGIN (ignored by the server) and a COMMIT of its own,
+   * committing the route's transaction half-way and running what follows outside any transaction.
+   * So the client is taken first, and `fn` nests inside the route's transaction as a savepoint.
+   */
+  override transaction<T> (fn: (tx: this) => Promise<T> | T): Promise<T> {
+    if (this.current !== null) return super.transaction(fn)
+    return promised((taken) => this.withClient(taken)).then(() => super.transaction(fn))
+  }
+
   /** Is this a route transaction's route (`config.db.transaction`)? Read only where it's needed. */
   isTransactionRoute (): boolean {
-    return (this.request.routeOptions.config as { db?: RouteDbConfig }).db?.transaction === true
+    const db = (this.request.routeOptions.config as { db?: RouteDbConfig }).db
+    return db?.transaction === true || contextFunctionFor(this.gate.context, db) !== null
+  }
+
+  /** Does a database context function apply to this request (whatever it will return)? */
+  private hasContextFunction (): boolean {
+    if (this.context !== undefined) return this.context !== null
+    return contextFunctionFor(this.gate.context, (this.request.routeOptions.config as { db?: RouteDbConfig }).db) !== null
   }
 
   /**
@@ -296,6 +327,12 @@ export class Lease extends Session implements RequestDb {
       then(null, client)
       return
     }
+    // The context could not be applied: never go on without it.
+    const guard = this.guard
+    if (guard !== null && guard.failure !== null) {
+      then(guard.failure)
+      return
+    }
     if (this.state === ENDED || responseEnded(this.request, this.reply)) {
       // Opens no connection: after the response, background work belongs on app.db. A request
       // still running whose client the shutdown took back gets the shutdown's 503 instead.
@@ -309,10 +346,67 @@ export class Lease extends Session implements RequestDb {
     const scope = this.scope ??= new AsyncResource('fastify-request-db.request')
     if (this.responding) this.watchResponse()
     if (this.gate.watchesLeases) (this.activity ??= new LeaseActivity(this.request, this.gate.leaks)).waitStarted()
+    const route = this.route = this.request.routeOptions
+    if (this.context === undefined) {
+      const fn = contextFunctionFor(this.gate.context, (route.config as { db?: RouteDbConfig }).db)
+      if (fn !== null) {
+        // Before a client is taken: a context function that throws or waits holds no connection.
+        this.resolveContext(fn, scope)
+        return
+      }
+      this.context = null
+    }
+    this.takeClient(scope)
+  }
+
+  private takeClient (scope: AsyncResource): void {
     // The answer may come from elsewhere: a client another request gives back is handed over inside
     // that request's release, and the wait's deadline is the pool's timer. Its BEGIN and first
     // statement are this request's.
     this.gate.take(this, (err, taken) => scope.runInAsyncScope(this.taken, this, err, taken))
+  }
+
+  /** A synchronous context function goes on at once: no promise, no tick. */
+  private resolveContext (fn: unknown, scope: AsyncResource): void {
+    let context: AppliedContext | null
+    try {
+      const result = callContext(fn, this.request, this.gate.redact)
+      if (isThenable(result)) {
+        result.then((value) => this.checkThenTake(value, scope), (err: unknown) => this.contextRejected(contextFailed(err, this.gate.redact)))
+        return
+      }
+      context = checkContext(result, this.gate.contextRoles)
+    } catch (err) {
+      this.contextRejected(err as Error)
+      return
+    }
+    this.contextResolved(context, scope)
+  }
+
+  private checkThenTake (value: unknown, scope: AsyncResource): void {
+    let context: AppliedContext | null
+    try {
+      context = checkContext(value, this.gate.contextRoles)
+    } catch (err) {
+      this.contextRejected(err as Error)
+      return
+    }
+    this.contextResolved(context, scope)
+  }
+
+  private contextResolved (context: AppliedContext | null, scope: AsyncResource): void {
+    this.context = context
+    // Set before any statement can be sent: they all wait for the client.
+    if (context !== null) this.guard = context
+    if (this.state === ACQUIRING) this.takeClient(scope)
+    else this.answerWaiters(new FST_REQUEST_DB_RELEASED())
+  }
+
+  private contextRejected (err: Error): void {
+    // Every later use fails the same way: the request never runs without its context.
+    this.guard = new Refusal(err)
+    if (this.state === ACQUIRING) this.state = IDLE
+    this.answerWaiters(err)
   }
 
   private taken (err: Error | null, client: PoolClient | undefined): void {
@@ -333,8 +427,7 @@ export class Lease extends Session implements RequestDb {
     }
     this.current = client as PoolClient
     this.state = ACTIVE
-    // routeOptions is built afresh on each read: read it once.
-    const route = this.request.routeOptions
+    const route = this.route as FastifyRequest['routeOptions']
     if (route.handlerTimeout > 0) {
       // handlerTimeout answers 503 but leaves the handler running: stop its statement on the server.
       const signal = this.request.signal
@@ -345,15 +438,34 @@ export class Lease extends Session implements RequestDb {
         if ((signal.reason as { code?: string } | undefined)?.code === 'FST_ERR_HANDLER_TIMEOUT') this.enter(this.handlerTimedOut, undefined)
       }, { once: true })
     }
-    if ((route.config as { db?: RouteDbConfig }).db?.transaction === true) {
-      this.dispatch(client as PoolClient, OWN.BEGIN, undefined, () => {
-        this.txDepth = 1
-        this.routeTxOpen = true
-        this.answerWaiters(null, client)
-      }, (beginError) => this.answerWaiters(beginError))
-      return
-    }
-    this.answerWaiters(null, client)
+    const context = this.context
+    if (context !== null && context !== undefined) this.begin(client as PoolClient, context.begin(), true)
+    else if ((route.config as { db?: RouteDbConfig }).db?.transaction === true) this.begin(client as PoolClient, OWN.BEGIN, false)
+    else this.answerWaiters(null, client)
+  }
+
+  /** The route's transaction: BEGIN, and the request's database context in the same round trip. */
+  private begin (client: PoolClient, statement: QueryConfig, withContext: boolean): void {
+    this.dispatch(client, statement, undefined, () => {
+      this.txDepth = 1
+      this.routeTxOpen = true
+      this.answerWaiters(null, client)
+    }, (beginError) => {
+      if (!withContext || this.broken) {
+        this.answerWaiters(beginError)
+        return
+      }
+      // The server refused the context (a role that does not exist, say): its transaction is
+      // aborted, and rolled back at release; nothing else runs on it.
+      const refused = refusedByDatabase(beginError, this.gate.redact)
+      this.guard = new Refusal(refused)
+      // pg reports the error before the server's ReadyForQuery: the transaction status it shows may
+      // still be the idle one from before this BEGIN, and an aborted transaction would go back to
+      // the pool as clean. The connection is closed instead (this is a misconfiguration, not a
+      // hot path).
+      this.dirty = true
+      this.answerWaiters(refused)
+    })
   }
 
   private answerWaiters (err: Error | null, client?: PoolClient): void {

@@ -1,4 +1,5 @@
 import type { PostgresPool } from './postgres-pool.js'
+import type { DbContextFunction } from './request-context.js'
 import { FST_REQUEST_DB_INVALID_OPTION } from './errors.js'
 import { redactUrl } from './redact.js'
 
@@ -68,6 +69,20 @@ export interface RequestDbOptions {
   pool?: PostgresPool
   /** Where environment variables are read. Default: `process.env`. */
   env?: Env
+  /**
+   * Each request's database identity, for row-level security: `(request) => ({ settings:
+   * { 'app.tenant_id': … }, role: 'tenant_user' })`, or null for none; may be async. A request with
+   * a context runs its statements in a transaction (as `config.db.transaction` does) that opens
+   * with `set_config(name, value, true)` for each setting and the role, bound as parameters, in the
+   * round trip of its BEGIN. A route overrides it with `config.db.context` (a function, or `false`).
+   * Env: none. Default: none.
+   */
+  context?: DbContextFunction
+  /**
+   * The roles a context may set (exact names); any other is refused with
+   * `FST_REQUEST_DB_INVALID_CONTEXT`. Env: none. Default: none (a context can't set a role).
+   */
+  contextRoles?: readonly string[]
 }
 
 /** Connection settings handed to `pg`. */
@@ -97,6 +112,10 @@ export interface ResolvedOptions {
   readonly logDbTime: boolean
   readonly serverTiming: boolean
   readonly pool: PostgresPool | undefined
+  /** The app's context function, or null. */
+  readonly context: DbContextFunction | null
+  /** The roles a context may set. */
+  readonly contextRoles: ReadonlySet<string>
   /** Strings that must never reach a message or a log line. */
   readonly secrets: readonly string[]
 }
@@ -152,7 +171,7 @@ const FLAG_SETTINGS: readonly FlagSetting[] = [
 ]
 
 const KNOWN_OPTIONS = new Set<string>([
-  'connectionString', 'pool', 'env', ...INTEGER_SETTINGS.map((s) => s.option), ...FLAG_SETTINGS.map((s) => s.option)
+  'connectionString', 'pool', 'env', 'context', 'contextRoles', ...INTEGER_SETTINGS.map((s) => s.option), ...FLAG_SETTINGS.map((s) => s.option)
 ])
 
 const SSL_MODES = new Set(['disable', 'prefer', 'require', 'verify-ca', 'verify-full', 'no-verify'])
@@ -185,6 +204,12 @@ export function resolveOptions (options: RequestDbOptions = {}, env: Env = optio
     throw new FST_REQUEST_DB_INVALID_OPTION('pool', describe(pool), 'must be a pg.Pool')
   }
 
+  const context = options.context ?? null
+  if (context !== null && typeof context !== 'function') {
+    throw new FST_REQUEST_DB_INVALID_OPTION('context', describe(context), 'must be a function of the request')
+  }
+  const contextRoles = resolveRoles(options.contextRoles)
+
   const { connection, target, secrets } = resolveConnection(options, env)
 
   return Object.freeze({
@@ -202,6 +227,8 @@ export function resolveOptions (options: RequestDbOptions = {}, env: Env = optio
     logDbTime: flags.logDbTime,
     serverTiming: flags.serverTiming,
     pool,
+    context,
+    contextRoles,
     secrets: Object.freeze(secrets)
   })
 }
@@ -237,6 +264,20 @@ function resolveFlag (setting: FlagSetting, explicit: unknown, fromEnv: string |
     throw new FST_REQUEST_DB_INVALID_OPTION(setting.env, describe(fromEnv), 'must be true, false, 1 or 0')
   }
   return FLAG_DEFAULTS[setting.option]
+}
+
+// Reserved by PostgreSQL: `none` would reset the role, `public` is every role.
+const RESERVED_ROLES = new Set(['none', 'public'])
+
+function resolveRoles (roles: unknown): ReadonlySet<string> {
+  if (roles === undefined) return new Set()
+  if (!Array.isArray(roles)) throw new FST_REQUEST_DB_INVALID_OPTION('contextRoles', describe(roles), 'must be an array of role names')
+  for (const role of roles) {
+    if (typeof role !== 'string' || role === '' || Buffer.byteLength(role) > 63 || role.includes('\0') || RESERVED_ROLES.has(role.toLowerCase())) {
+      throw new FST_REQUEST_DB_INVALID_OPTION('contextRoles', describe(role), 'each must be a role name (1 to 63 bytes; not none or public)')
+    }
+  }
+  return new Set(roles as string[])
 }
 
 function range (setting: IntegerSetting): string {

@@ -13,6 +13,7 @@ import { type AcquireMessage, acquireChannel, type DestroyReason, publishEnd, re
 import { LeakDetector } from './observability/leak-detector.js'
 import type { ResolvedOptions } from './options.js'
 import type { PostgresPool } from './postgres-pool.js'
+import type { DbContextFunction } from './request-context.js'
 import { WaitQueue } from './wait-queue.js'
 
 /** Pool figures: `leased` is the clients held by requests right now. */
@@ -42,6 +43,10 @@ export class ClientGate {
   readonly leaks: LeakDetector | null
   /** Requests keep books on their statements (leak detection or request timing is on). */
   readonly watchesLeases: boolean
+  /** The app's database context function (options.context), or null. */
+  readonly context: DbContextFunction | null
+  /** The roles a context may set (options.contextRoles). */
+  readonly contextRoles: ReadonlySet<string>
   closing = false
   private readonly held: HeldClients
   /** The longest wait for a client (options.acquireTimeoutMs); also the health check's default deadline. */
@@ -62,6 +67,8 @@ export class ClientGate {
     this.held = new HeldClients(log)
     this.leaks = options.leakDetectionMs > 0 ? new LeakDetector(options.leakDetectionMs, redact) : null
     this.watchesLeases = this.leaks !== null || options.logDbTime || options.serverTiming
+    this.context = options.context
+    this.contextRoles = options.contextRoles
   }
 
   /** Take a client for `holder`. Rejects with a typed 503 error: never waits past acquireTimeoutMs. */

@@ -49,6 +49,23 @@ function own (text: string): OwnStatement {
 }
 export const OWN = { BEGIN: own('BEGIN'), COMMIT: own('COMMIT'), ROLLBACK: own('ROLLBACK') } as const
 
+/** Mark a statement as the plugin's own (a database context's BEGIN, request-context.ts). */
+export function markOwn<T extends QueryConfig> (statement: T): T {
+  (statement as T & { [kOwn]: true })[kOwn] = true
+  return statement
+}
+
+/**
+ * Checks each statement of a session with a database context before it is sent
+ * (request-context.ts): a statement that would change the context's identity is refused.
+ */
+export interface StatementGuard {
+  /** The context could not be applied: every use of the session fails with this. */
+  readonly failure: Error | null
+  /** The error to refuse `sql` with, or null to send it. */
+  refuse (sql: string): Error | null
+}
+
 /**
  * One pool client held for a while, and the books on it: statements in flight, open transactions,
  * whether the session was changed (then the connection is closed, not reused) or broke.
@@ -85,6 +102,8 @@ export class Session implements ClientHolder, TransactionHost<Session>, DbSessio
   private settled: (() => void) | null = null
   /** A request's books for leak detection and timing (lib/observability/); null when both are off. */
   activity: LeaseActivity | null = null
+  /** The database context's check on statements (request-context.ts); null without a context. */
+  guard: StatementGuard | null = null
 
   constructor (gate: ClientGate) {
     this.gate = gate
@@ -269,6 +288,11 @@ export class Session implements ClientHolder, TransactionHost<Session>, DbSessio
       return
     }
     const sql = submittableText(sub)
+    const refused = this.guard?.refuse(sql ?? '') ?? null
+    if (refused !== null) {
+      failSubmittable(sub, refused)
+      return
+    }
     if (sql !== undefined && !this.dirty && changesSessionState(sql)) this.dirty = true
     const open = this.openStreams ??= new Map()
     const activity = this.activity
@@ -345,6 +369,13 @@ export class Session implements ClientHolder, TransactionHost<Session>, DbSessio
       // pg takes { name } alone to run a statement already prepared on the connection.
       sql = text.text ?? ''
       if (text.name !== undefined) this.namedStatements = true
+    }
+    if (this.guard !== null) {
+      const refused = this.guard.refuse(sql)
+      if (refused !== null) {
+        reject(refused)
+        return
+      }
     }
     if (!this.dirty && changesSessionState(sql)) this.dirty = true
     const kind = transactionStatement(sql)

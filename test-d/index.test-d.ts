@@ -1,10 +1,12 @@
-import Fastify from 'fastify'
+import Fastify, { type FastifyRequest } from 'fastify'
 import type { PoolClient, QueryResult } from 'pg'
 import Cursor from 'pg-cursor'
 import { to as copyTo } from 'pg-copy-streams'
 import QueryStream from 'pg-query-stream'
 import { expectAssignable, expectError, expectNotAssignable, expectType } from 'tsd'
 import requestDb, {
+  type DbContext,
+  type DbContextFunction,
   type DbHealth,
   type DbSession,
   type DbStats,
@@ -75,3 +77,18 @@ expectError(app.get('/', { config: { db: { transaction: 'yes' } } }, async () =>
 // Error codes are typed constructors.
 const err = new FST_REQUEST_DB_ACQUIRE_TIMEOUT(100)
 expectType<'FST_REQUEST_DB_ACQUIRE_TIMEOUT'>(err.code)
+
+// The database context (#17): settings of strings, numbers, booleans, a role; null for none; async allowed.
+expectAssignable<RequestDbOptions>({ context: (request: FastifyRequest) => ({ settings: { 'app.tenant_id': String(request.id), 'app.level': 3, 'app.admin': false }, role: 'tenant_user' }), contextRoles: ['tenant_user'] })
+expectAssignable<RequestDbOptions>({ context: async () => null })
+expectNotAssignable<RequestDbOptions>({ context: () => ({ settings: { 'app.tenant_id': { id: 1 } } }) })
+expectNotAssignable<RequestDbOptions>({ context: () => ({ role: 42 }) })
+expectNotAssignable<RequestDbOptions>({ contextRoles: 'tenant_user' })
+expectNotAssignable<RequestDbOptions>({ context: { settings: {} } })
+expectAssignable<DbContextFunction>(() => ({ settings: { 'app.tenant_id': 'a' } }))
+app.get('/no-context', { config: { db: { context: false } } }, async () => 'ok')
+app.get('/own-context', { config: { db: { context: () => ({ role: 'tenant_user' }) } } }, async () => 'ok')
+expectError(app.get('/bad-context', { config: { db: { context: true } } }, async () => 'ok'))
+expectType<Promise<number>>(app.db.withContext({ settings: { 'app.tenant_id': 'a' } }, async (tx) => (await tx.query<{ n: number }>('SELECT 1 AS n')).rows[0].n))
+expectError(app.db.withContext({ settings: { 'app.tenant_id': [1] } }, async () => 1))
+expectType<DbContext | undefined>(undefined as DbContext | undefined)

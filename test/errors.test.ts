@@ -11,7 +11,10 @@ const expected: Array<[keyof typeof errors, number, unknown[], RegExp]> = [
   ['FST_REQUEST_DB_CLOSING', 503, [], /shutting down/],
   ['FST_REQUEST_DB_RELEASED', 500, [], /after the request ended/],
   ['FST_REQUEST_DB_TRANSACTION_STATEMENT', 500, ['COMMIT would end the route\'s transaction'], /^Transaction statement refused: COMMIT would end the route's transaction$/],
-  ['FST_REQUEST_DB_COMMIT_FAILED', 500, ['deferred constraint'], /could not be committed: deferred constraint$/]
+  ['FST_REQUEST_DB_COMMIT_FAILED', 500, ['deferred constraint'], /could not be committed: deferred constraint$/],
+  ['FST_REQUEST_DB_CONTEXT_FAILED', 500, ['bad token'], /^The database context of this request could not be resolved: bad token$/],
+  ['FST_REQUEST_DB_INVALID_CONTEXT', 500, ['role "x" is not in contextRoles'], /^Invalid database context: role "x" is not in contextRoles$/],
+  ['FST_REQUEST_DB_CONTEXT_STATEMENT', 500, ['it would change the role'], /^Statement refused in a request with a database context: it would change the role$/]
 ]
 
 t.test('every error code: name, code, message, status, instanceof', async (t) => {

@@ -105,3 +105,19 @@ t.test('handlerTimeout firing while COMMIT runs: the answer says what COMMIT did
   t.same((await db.admin.query('SELECT id FROM slow_commit ORDER BY id')).rows, [{ id: 1 }], 'the database agrees with both answers')
   await waitFor(() => app.db.stats().leased === 0, 3000, 'release')
 })
+
+t.test('transaction() as the first use of request.db nests inside the route transaction', async (t) => {
+  const db = await createDatabase(t)
+  await db.admin.query('CREATE TABLE firsts (v int)')
+  const app = await buildApp(db)
+  app.post('/first', { config: { db: { transaction: true } } }, async (request) => {
+    await request.db.transaction(async (tx) => { await tx.query('INSERT INTO firsts VALUES (1)') })
+    const { rows } = await request.db.query('SELECT now() = statement_timestamp() AS same_statement')
+    if (rows[0].same_statement === true) return { outsideTransaction: true }
+    throw new Error('roll the route back')
+  })
+  const res = await app.inject({ method: 'POST', url: '/first' })
+  t.equal(res.statusCode, 500, 'the statement after transaction() still ran inside the route transaction')
+  t.equal((await db.admin.query('SELECT count(*)::int AS n FROM firsts')).rows[0].n, 0, 'transaction() did not commit the route transaction half-way')
+  await waitFor(() => app.db.stats().leased === 0, 2000, 'release')
+})

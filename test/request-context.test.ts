@@ -1,0 +1,374 @@
+// A request's database identity (#17): the `context` option applies settings and a role as the
+// first thing in the request's transaction, transaction-local, in BEGIN's round trip; policies see
+// them, nothing outlives the request, and statements that would change them are refused.
+import type { FastifyInstance, FastifyRequest } from 'fastify'
+import pg from 'pg'
+import QueryStream from 'pg-query-stream'
+import t from 'tap'
+import type { DbContext, DbContextFunction, RequestDbOptions } from '../lib/index.js'
+import requestKysely from '../lib/integrations/kysely.js'
+import { buildApp, countingPool, createDatabase, type TestDatabase, waitFor } from './helpers/db.js'
+import { createTenantSchema } from './helpers/rls.js'
+
+const db = await createDatabase(t)
+const { role } = await createTenantSchema(db)
+await db.admin.query(`INSERT INTO notes (tenant, body) VALUES ('a', 'a-1'), ('a', 'a-2'), ('b', 'b-1')`)
+
+const tenantOf = (request: FastifyRequest): string => String(request.headers['x-tenant'] ?? '')
+const context: DbContextFunction = (request) => ({ settings: { 'app.tenant_id': tenantOf(request), 'app.user_id': 7 }, role })
+
+async function contextApp (options: RequestDbOptions = {}): Promise<FastifyInstance> {
+  return buildApp(db, { context, contextRoles: [role], ...options })
+}
+
+const WHO = "SELECT current_user AS who, current_setting('app.tenant_id', true) AS tenant, current_setting('app.user_id', true) AS user_id, now() <> statement_timestamp() AS in_tx"
+
+async function settled (t: { teardown (fn: () => unknown): void }, app: FastifyInstance): Promise<void> {
+  await waitFor(() => app.db.stats().leased === 0, 3000, 'every client back')
+}
+
+t.test('the context is applied inside a transaction: policies see only the tenant, writes are checked', async (t) => {
+  const app = await contextApp()
+  app.get('/who', async (request) => (await request.db.query(WHO)).rows[0])
+  app.get('/notes', async (request) => (await request.db.query('SELECT body FROM notes ORDER BY body')).rows.map((r) => r.body))
+  app.post('/notes/:tenant', async (request) => {
+    const tenant = (request.params as { tenant: string }).tenant
+    return (await request.db.query('INSERT INTO notes (tenant, body) VALUES ($1, $2) RETURNING id', [tenant, `${tenant}-new`])).rows[0]
+  })
+
+  const who = (await app.inject({ url: '/who', headers: { 'x-tenant': 'a' } })).json()
+  t.same(who, { who: role, tenant: 'a', user_id: '7', in_tx: true }, 'role, settings (a number sent as text), inside a transaction')
+  t.same((await app.inject({ url: '/notes', headers: { 'x-tenant': 'a' } })).json(), ['a-1', 'a-2'])
+  t.same((await app.inject({ url: '/notes', headers: { 'x-tenant': 'b' } })).json(), ['b-1'])
+  t.same((await app.inject({ url: '/notes', headers: { 'x-tenant': 'nobody' } })).json(), [])
+
+  t.equal((await app.inject({ method: 'POST', url: '/notes/b', headers: { 'x-tenant': 'b' } })).statusCode, 200)
+  const foreign = await app.inject({ method: 'POST', url: '/notes/a', headers: { 'x-tenant': 'b' } })
+  t.equal(foreign.statusCode, 500, 'a write into another tenant fails the policy check')
+  t.match(foreign.json().message, /row-level security/)
+  t.same((await db.admin.query("SELECT tenant FROM notes WHERE body LIKE '%-new'")).rows, [{ tenant: 'b' }], 'committed: only the own tenant’s write')
+  await db.admin.query("DELETE FROM notes WHERE body LIKE '%-new'")
+  await settled(t, app)
+})
+
+t.test('one round trip for BEGIN and the context: as many as a plain route transaction', async (t) => {
+  // Count the server's ReadyForQuery messages: one per round trip.
+  const pool = new pg.Pool({ connectionString: db.url, max: 1 })
+  let trips = 0
+  pool.on('connect', (client) => {
+    (client as unknown as { connection: { on (e: string, fn: () => void): void } }).connection.on('readyForQuery', () => { trips++ })
+  })
+  t.teardown(() => pool.end())
+  const app = await contextApp({ pool })
+  app.get('/context', async (request) => (await request.db.query('SELECT count(*)::int AS n FROM notes')).rows[0])
+  app.get('/plain-tx', { config: { db: { transaction: true, context: false } } }, async (request) => (await request.db.query('SELECT count(*)::int AS n FROM notes')).rows[0])
+  await app.ready()
+  const tripsOf = async (url: string): Promise<[number, number]> => {
+    const before = trips
+    const n = (await app.inject({ url, headers: { 'x-tenant': 'a' } })).json().n
+    return [trips - before, n]
+  }
+  const plain = await tripsOf('/plain-tx')
+  const withContext = await tripsOf('/context')
+  t.equal(plain[0], 3, 'a plain route transaction: BEGIN, the statement, COMMIT')
+  t.equal(withContext[0], 3, 'with a context (two settings and a role): the same three')
+  t.equal(plain[1], 3, 'context: false on the route: no role, the superuser sees every row')
+  t.equal(withContext[1], 2, 'the context applied: the tenant’s rows only')
+  await settled(t, app)
+})
+
+t.test('nothing outlives the request: the next request on the connection has no role and no settings', async (t) => {
+  const app = await contextApp({ max: 1 })
+  app.get('/who', async (request) => ({ ...(await request.db.query(WHO)).rows[0], pid: (await request.db.query('SELECT pg_backend_pid() AS pid')).rows[0].pid }))
+  app.get('/plain', { config: { db: { context: false } } }, async (request) =>
+    ({ ...(await request.db.query(WHO)).rows[0], pid: (await request.db.query('SELECT pg_backend_pid() AS pid')).rows[0].pid }))
+  app.get('/throws', async (request) => {
+    await request.db.query('SELECT 1')
+    throw new Error('handler failed')
+  })
+  const first = (await app.inject({ url: '/who', headers: { 'x-tenant': 'a' } })).json()
+  t.equal((await app.inject({ url: '/throws', headers: { 'x-tenant': 'a' } })).statusCode, 500)
+  const next = (await app.inject({ url: '/plain' })).json()
+  t.equal(next.pid, first.pid, 'the same connection, reused (nothing session-level was changed)')
+  t.not(next.who, role, 'the login role again')
+  t.ok(next.tenant === null || next.tenant === '', `no tenant left behind (got ${JSON.stringify(next.tenant)})`)
+  t.ok(next.user_id === null || next.user_id === '', 'no user left behind')
+  t.equal(next.in_tx, false, 'a request without a context runs no transaction of its own')
+  await settled(t, app)
+})
+
+t.test('a context function that throws or rejects: a typed error with its cause, its 4xx kept, no statement', async (t) => {
+  const { pool, counts } = countingPool(db.url, 2)
+  t.teardown(() => pool.end())
+  const unauthorized = Object.assign(new Error('bad token'), { statusCode: 401 })
+  const app = await buildApp(db, {
+    pool,
+    contextRoles: [role],
+    context: (request) => {
+      if (request.url === '/sync-throw') throw new Error('sync failure')
+      // eslint-disable-next-line no-throw-literal
+      if (request.url === '/throw-string') throw 'not an Error'
+      if (request.url === '/reject') return Promise.reject(unauthorized)
+      return { role }
+    }
+  })
+  let caught: unknown = null
+  let secondUse: unknown = null
+  const handler = async (request: FastifyRequest): Promise<unknown> => {
+    try {
+      await request.db.query('SELECT 1')
+    } catch (err) {
+      caught = err
+      // The request never goes on without its context: a second try fails the same way.
+      secondUse = await request.db.query('SELECT 1').then(() => 'ran', (e: Error & { code?: string }) => e.code)
+      throw err
+    }
+    return 'ran'
+  }
+  app.get('/sync-throw', handler)
+  app.get('/reject', handler)
+  app.get('/throw-string', handler)
+  await app.ready()
+  const before = counts.acquired
+  const sync = await app.inject('/sync-throw')
+  t.equal(sync.statusCode, 500)
+  t.equal(sync.json().code, 'FST_REQUEST_DB_CONTEXT_FAILED')
+  t.match(sync.json().message, /could not be resolved: sync failure/)
+  t.equal(secondUse, 'FST_REQUEST_DB_CONTEXT_FAILED')
+  const rejected = await app.inject('/reject')
+  t.equal(rejected.statusCode, 401, "the thrown error's 4xx is kept")
+  t.equal(rejected.json().code, 'FST_REQUEST_DB_CONTEXT_FAILED')
+  t.equal((caught as Error).cause, unauthorized, 'the thrown error is the cause')
+  t.match((await app.inject('/throw-string')).json(), { statusCode: 500, code: 'FST_REQUEST_DB_CONTEXT_FAILED', message: /resolved: not an Error$/ })
+  t.equal(counts.acquired - before, 0, 'no client was taken, so no statement ran')
+})
+
+t.test('a context that is not one: FST_REQUEST_DB_INVALID_CONTEXT naming what is wrong, never a value, no statement', async (t) => {
+  const { pool, counts } = countingPool(db.url, 2)
+  t.teardown(() => pool.end())
+  const cases: Array<[string, unknown, RegExp]> = [
+    ['undefined', undefined, /returned undefined; return null/],
+    ['a string', 'tenant-a', /expected \{ settings, role \} or null, got a string/],
+    ['an unknown key', { tenant: 'a' }, /unknown key "tenant"/],
+    ['a bare setting name', { settings: { tenant_id: 'a' } }, /setting name "tenant_id" is not a custom setting name/],
+    ['the role as a setting', { settings: { role: 'postgres' } }, /setting name "role" is not/],
+    ['an object as a value', { settings: { 'app.tenant_id': { id: 'secret-value' } } }, /the value of app\.tenant_id is an object/],
+    ['NaN as a value', { settings: { 'app.tenant_id': Number.NaN } }, /the value of app\.tenant_id is NaN/],
+    ['NUL in a value', { settings: { 'app.tenant_id': 'a\0b' } }, /contains a NUL character/],
+    ['one name twice', { settings: { 'app.tenant_id': 'a', 'APP.TENANT_ID': 'b' } }, /given twice/],
+    ['a role outside contextRoles', { role: 'postgres' }, /role "postgres" is not in contextRoles/],
+    ['a role of the wrong type', { role: 42 }, /role must be a string, got a number/],
+    ['settings as an array', { settings: ['app.tenant_id'] }, /settings must be an object of name: value, got an array/],
+    ['null as a value', { settings: { 'app.tenant_id': null } }, /the value of app\.tenant_id is null/]
+  ]
+  const app = await buildApp(db, { pool, contextRoles: [role], context: (request) => cases[Number((request.query as { i: string }).i)][1] as DbContext })
+  app.get('/', async (request) => (await request.db.query('SELECT 1 AS one')).rows[0])
+  await app.ready()
+  const before = counts.acquired
+  for (const [i, [name, , message]] of cases.entries()) {
+    const res = await app.inject(`/?i=${i}`)
+    t.equal(res.statusCode, 500, `${name}: 500`)
+    t.equal(res.json().code, 'FST_REQUEST_DB_INVALID_CONTEXT', `${name}: code`)
+    t.match(res.json().message, message, `${name}: says what is wrong`)
+    t.notMatch(res.body, /secret-value/, `${name}: the value is not echoed`)
+  }
+  t.equal(counts.acquired - before, 0, 'no client was taken')
+})
+
+t.test('per route: config.db.context overrides the app’s function, false opts out; null means no context', async (t) => {
+  const app = await contextApp()
+  app.get('/app', async (request) => (await request.db.query(WHO)).rows[0])
+  app.get('/own', { config: { db: { context: () => ({ settings: { 'app.tenant_id': 'b' }, role }) } } }, async (request) => (await request.db.query(WHO)).rows[0])
+  app.get('/none', { config: { db: { context: false } } }, async (request) => (await request.db.query(WHO)).rows[0])
+  app.get('/null', { config: { db: { context: () => null } } }, async (request) => (await request.db.query(WHO)).rows[0])
+  app.get('/bad', { config: { db: { context: 'yes' as never } } }, async (request) => (await request.db.query(WHO)).rows[0])
+  app.get('/role-only', { config: { db: { context: () => ({ role }) } } }, async (request) => (await request.db.query(WHO)).rows[0])
+  app.get('/settings-only', { config: { db: { context: async () => ({ settings: { 'app.tenant_id': 'c', 'app.flag': true } }) } } },
+    async (request) => ({ ...(await request.db.query(WHO)).rows[0], flag: (await request.db.query("SELECT current_setting('app.flag') AS f")).rows[0].f }))
+  app.get('/empty', { config: { db: { context: () => ({}) } } }, async (request) => ({
+    ...(await request.db.query(WHO)).rows[0],
+    refused: await request.db.query('RESET ROLE').then(() => 'ran', (err: Error & { code?: string }) => err.code)
+  }))
+  t.match((await app.inject({ url: '/app', headers: { 'x-tenant': 'a' } })).json(), { who: role, tenant: 'a' })
+  t.match((await app.inject({ url: '/own', headers: { 'x-tenant': 'a' } })).json(), { who: role, tenant: 'b', user_id: /^$/ }, 'the route’s own function (which sets no user)')
+  const none = (await app.inject({ url: '/none', headers: { 'x-tenant': 'a' } })).json()
+  t.not(none.who, role)
+  t.equal(none.in_tx, false, 'context: false, no transaction either')
+  t.not((await app.inject('/null')).json().who, role, 'null: no context for this request')
+  t.match((await app.inject('/role-only')).json(), { who: role, in_tx: true }, 'a role alone')
+  const settingsOnly = (await app.inject('/settings-only')).json()
+  t.match(settingsOnly, { tenant: 'c', flag: 'true', in_tx: true }, 'settings alone (a boolean sent as text), async')
+  t.not(settingsOnly.who, role, 'no role: the login role')
+  const empty = (await app.inject('/empty')).json()
+  t.match(empty, { in_tx: true, refused: 'FST_REQUEST_DB_CONTEXT_STATEMENT' }, 'an empty context: a transaction, and the role can\'t be changed')
+  const bad = await app.inject('/bad')
+  t.equal(bad.statusCode, 500)
+  t.match(bad.json(), { code: 'FST_REQUEST_DB_INVALID_CONTEXT', message: /must be a function or false, got a string/ })
+  await settled(t, app)
+})
+
+t.test('statements that would change the identity are refused before they are sent; the context stays', async (t) => {
+  const app = await contextApp()
+  const refused = [
+    `SET ROLE ${role}`, 'RESET ROLE', 'set role none', 'SET LOCAL ROLE postgres', 'SET SESSION ROLE postgres',
+    'SET SESSION AUTHORIZATION DEFAULT', 'RESET SESSION AUTHORIZATION', 'RESET ALL', 'SELECT 1; RESET ROLE',
+    "SELECT set_config('role', 'postgres', true)", "SELECT pg_catalog.set_config( 'ROLE' , 'postgres', false)",
+    "SET app.tenant_id = 'b'", "SET LOCAL app.tenant_id TO 'b'", 'RESET app.tenant_id', 'set local "app"."tenant_id" = \'b\'',
+    "SELECT set_config('app.tenant_id', 'b', true)", "SELECT set_config('APP.USER_ID', '1', true)",
+    "SELECT set_config($1, 'b', true)", "DO $$ BEGIN RESET ROLE; END $$", "/* note */ SET ROLE postgres"
+  ]
+  const allowed = [
+    "SET LOCAL statement_timeout = '5s'", "SELECT set_config('app.other', 'x', true)", "UPDATE notes SET body = body WHERE false",
+    "SELECT 'set role' AS text"
+  ]
+  app.post('/try', async (request) => {
+    const results: Record<string, string> = {}
+    for (const sql of [...refused, ...allowed]) {
+      results[sql] = await request.db.query(sql.includes('$1') ? { text: sql, values: ['app.tenant_id'] } as never : sql)
+        .then(() => 'ran', (err: Error & { code?: string }) => err.code ?? err.message)
+    }
+    return { results, after: (await request.db.query(WHO)).rows[0] }
+  })
+  const stream = new QueryStream('SELECT set_config(\'role\', \'postgres\', true)')
+  app.get('/stream', async (request, reply) => {
+    const rows = request.db.query(stream)
+    return reply.send(await new Promise((resolve) => rows.on('error', (err: Error & { code?: string }) => resolve({ code: err.code })).on('data', () => resolve({ code: 'ran' }))))
+  })
+  app.get('/raw', async (request) => request.db.client().then(() => 'handed out', (err: Error & { code?: string }) => err.code))
+  const res = await app.inject({ method: 'POST', url: '/try', headers: { 'x-tenant': 'a' } })
+  const { results, after } = res.json()
+  for (const sql of refused) t.equal(results[sql], 'FST_REQUEST_DB_CONTEXT_STATEMENT', `refused: ${sql}`)
+  for (const sql of allowed) t.equal(results[sql], 'ran', `allowed: ${sql}`)
+  t.match(after, { who: role, tenant: 'a', user_id: '7', in_tx: true }, 'the role and the settings are as the context set them')
+  t.same((await app.inject({ url: '/stream', headers: { 'x-tenant': 'a' } })).json(), { code: 'FST_REQUEST_DB_CONTEXT_STATEMENT' }, 'a stream too')
+  t.equal((await app.inject({ url: '/raw', headers: { 'x-tenant': 'a' } })).body, 'FST_REQUEST_DB_CONTEXT_STATEMENT', 'request.db.client() is refused')
+  await settled(t, app)
+})
+
+t.test('COMMIT by the handler is refused: the context is never dropped half-way', async (t) => {
+  const app = await contextApp()
+  app.post('/commit', async (request) => {
+    await request.db.query("INSERT INTO notes (tenant, body) VALUES ('a', 'before-commit')")
+    const commit = await request.db.query('COMMIT').then(() => 'ran', (err: Error & { code?: string }) => err.code)
+    return { commit, after: (await request.db.query(WHO)).rows[0] }
+  })
+  let multi: unknown = null
+  app.post('/commit-then-read', async (request) => {
+    multi = await request.db.query('SELECT 1; COMMIT').then(() => 'ran', (err: Error & { code?: string }) => err.code)
+    return (await request.db.query('SELECT body FROM notes')).rows
+  })
+  const res = await app.inject({ method: 'POST', url: '/commit', headers: { 'x-tenant': 'a' } })
+  t.match(res.json(), { commit: 'FST_REQUEST_DB_TRANSACTION_STATEMENT', after: { who: role, tenant: 'a', in_tx: true } })
+  t.equal((await db.admin.query("SELECT count(*)::int AS n FROM notes WHERE body = 'before-commit'")).rows[0].n, 1, 'committed by the route, once')
+  const after = await app.inject({ method: 'POST', url: '/commit-then-read', headers: { 'x-tenant': 'a' } })
+  t.equal(multi, 'FST_REQUEST_DB_TRANSACTION_STATEMENT', 'a text that ended the transaction fails')
+  t.equal(after.statusCode, 503, 'after a text that ended the transaction, nothing more runs (it would run without the context)')
+  t.equal(after.json().code, 'FST_REQUEST_DB_CONNECTION_LOST')
+  await db.admin.query("DELETE FROM notes WHERE body = 'before-commit'")
+  await settled(t, app)
+})
+
+t.test('transaction(), savepoints, a first-use transaction(), streams and Kysely all run in the context', async (t) => {
+  const app = await contextApp()
+  await app.register(requestKysely)
+  app.get('/nested', async (request) => {
+    const inner = await request.db.transaction(async (tx) => {
+      const deeper = await tx.transaction(async (tx2) => (await tx2.query(WHO)).rows[0])
+      await tx.transaction(async (tx2) => {
+        await tx2.query("SELECT set_config('app.other', 'undone', true)")
+        throw new Error('roll back to the savepoint')
+      }).catch(() => {})
+      return { deeper, other: (await tx.query("SELECT current_setting('app.other', true) AS v")).rows[0].v }
+    })
+    return { ...inner, after: (await request.db.query(WHO)).rows[0] }
+  })
+  app.get('/stream', async (request) => {
+    const rows: unknown[] = []
+    for await (const row of request.db.query(new QueryStream('SELECT body FROM notes ORDER BY body'))) rows.push(row)
+    return rows
+  })
+
+  app.get('/kysely', async (request) => {
+    const rows = await request.kysely.selectFrom('notes' as never).select('body' as never).orderBy('body' as never).execute()
+    const inTx = await request.kysely.transaction().execute(async (trx) =>
+      (await trx.selectFrom('notes' as never).select('tenant' as never).execute()).map((r) => (r as { tenant: string }).tenant))
+    return { rows, inTx }
+  })
+  app.get('/first-use', async (request) => {
+    const inner = await request.db.transaction(async (tx) => (await tx.query(WHO)).rows[0])
+    return { inner, after: (await request.db.query(WHO)).rows[0] }
+  })
+  const nested = (await app.inject({ url: '/nested', headers: { 'x-tenant': 'b' } })).json()
+  t.match(nested.deeper, { who: role, tenant: 'b' }, 'inside nested transaction() calls (savepoints)')
+  t.ok(nested.other === null || nested.other === '', 'a savepoint rolled back undoes what was set in it')
+  t.match(nested.after, { who: role, tenant: 'b', in_tx: true }, 'after them, still the context')
+  const first = (await app.inject({ url: '/first-use', headers: { 'x-tenant': 'a' } })).json()
+  t.match(first, { inner: { who: role, tenant: 'a' }, after: { who: role, tenant: 'a', in_tx: true } }, 'transaction() as the first use')
+  t.same((await app.inject({ url: '/stream', headers: { 'x-tenant': 'a' } })).json(), [{ body: 'a-1' }, { body: 'a-2' }], 'a stream')
+  t.same((await app.inject({ url: '/kysely', headers: { 'x-tenant': 'b' } })).json(), { rows: [{ body: 'b-1' }], inTx: ['b'] }, 'Kysely, and its transaction() as a savepoint')
+  await settled(t, app)
+})
+
+t.test('a role the database refuses: a typed error, nothing else runs, the client goes back', async (t) => {
+  const app = await buildApp(db, { contextRoles: ['no_such_role_17'], context: () => ({ settings: { 'app.tenant_id': 'a' }, role: 'no_such_role_17' }) })
+  let second: unknown = null
+  app.get('/', async (request) => {
+    try {
+      await request.db.query('SELECT 1')
+    } finally {
+      second = await request.db.query('SELECT 1').then(() => 'ran', (err: Error & { code?: string }) => err.code)
+    }
+  })
+  const res = await app.inject('/')
+  t.equal(res.statusCode, 500)
+  t.equal(res.json().code, 'FST_REQUEST_DB_INVALID_CONTEXT')
+  t.match(res.json().message, /the database refused it .*no_such_role_17/)
+  t.equal(second, 'FST_REQUEST_DB_INVALID_CONTEXT', 'a second statement is refused the same way')
+  await settled(t, app)
+  t.equal((await app.db.query('SELECT 1 AS one')).rows[0].one, 1, 'the pool still serves')
+  await t.rejects(app.db.withContext({ role: 'no_such_role_17' }, async () => 'ran'), { code: 'FST_REQUEST_DB_INVALID_CONTEXT', message: /the database refused it/ })
+  for (let i = 0; i < 3; i++) t.equal((await app.db.query('SELECT 1 AS one')).rows[0].one, 1, 'no aborted transaction went back to the pool')
+})
+
+t.test('app.db: no context, or app.db.withContext(context, fn)', async (t) => {
+  const app = await contextApp()
+  await app.ready()
+  t.not((await app.db.query(WHO)).rows[0].who, role, 'app.db.query has no context')
+  const inside = await app.db.withContext({ settings: { 'app.tenant_id': 'b' }, role }, async (tx) => {
+    const who = (await tx.query(WHO)).rows[0]
+    const bodies = (await tx.query('SELECT body FROM notes')).rows.map((r) => r.body)
+    const nested = await tx.transaction(async (inner) => (await inner.query(WHO)).rows[0].tenant)
+    const refused = await tx.query('RESET ROLE').then(() => 'ran', (err: Error & { code?: string }) => err.code)
+    return { who, bodies, nested, refused }
+  })
+  t.match(inside, { who: { who: role, tenant: 'b', in_tx: true }, bodies: ['b-1'], nested: 'b', refused: 'FST_REQUEST_DB_CONTEXT_STATEMENT' })
+  await t.rejects(app.db.withContext({ settings: { 'app.tenant_id': 'b' }, role }, async (tx) => {
+    await tx.query("INSERT INTO notes (tenant, body) VALUES ('b', 'rolled-back')")
+    throw new Error('undo')
+  }), /undo/)
+  t.equal((await db.admin.query("SELECT count(*)::int AS n FROM notes WHERE body = 'rolled-back'")).rows[0].n, 0, 'rolled back')
+  await t.rejects(app.db.withContext({ role: 'postgres' }, async () => 1), { code: 'FST_REQUEST_DB_INVALID_CONTEXT' })
+  await t.rejects(app.db.withContext(null as never, async () => 1), { code: 'FST_REQUEST_DB_INVALID_CONTEXT', message: /needs a context/ })
+  await settled(t, app)
+})
+
+t.test('a role with no contextRoles configured is refused, and says how to allow it', async (t) => {
+  const app = await buildApp(db, { context: () => ({ role }) })
+  app.get('/', async (request) => (await request.db.query(WHO)).rows[0])
+  const res = await app.inject('/')
+  t.equal(res.statusCode, 500)
+  t.match(res.json(), { code: 'FST_REQUEST_DB_INVALID_CONTEXT', message: /is not in contextRoles \(none are allowed: set the contextRoles option\)/ })
+})
+
+t.test('options: context must be a function, contextRoles role names', async (t) => {
+  const bad: Array<[RequestDbOptions, RegExp]> = [
+    [{ context: 'tenant' as never }, /^Invalid context="tenant": must be a function/],
+    [{ contextRoles: 'tenant_user' as never }, /^Invalid contextRoles="tenant_user": must be an array/],
+    [{ contextRoles: ['none'] }, /not none or public/],
+    [{ contextRoles: [''] }, /1 to 63 bytes/],
+    [{ contextRoles: ['x'.repeat(64)] }, /1 to 63 bytes/]
+  ]
+  for (const [options, message] of bad) {
+    await t.rejects(buildApp(db as TestDatabase, options), { code: 'FST_REQUEST_DB_INVALID_OPTION', message })
+  }
+})
