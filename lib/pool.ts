@@ -12,6 +12,7 @@ import { type AcquireMessage, acquireChannel, type DestroyReason, publishEnd, re
 import { LeakDetector } from './observability/leak-detector.js'
 import type { ResolvedOptions } from './options.js'
 import type { PostgresPool } from './postgres-pool.js'
+import { TransactionPooler } from './pooler.js'
 import { WaitQueue } from './wait-queue.js'
 
 /** Pool figures: `leased` is the clients held by requests right now. */
@@ -42,6 +43,8 @@ export class ClientGate {
   /** Requests keep books on their statements (leak detection or request timing is on). */
   readonly watchesLeases: boolean
   closing = false
+  /** The rules of a transaction-mode pooler (options.pooler), or null when there is none. */
+  readonly pooler: TransactionPooler | null
   private readonly held: HeldClients
   /** The longest wait for a client (options.acquireTimeoutMs); also the health check's default deadline. */
   readonly acquireTimeoutMs: number
@@ -61,6 +64,7 @@ export class ClientGate {
     this.held = new HeldClients(log)
     this.leaks = options.leakDetectionMs > 0 ? new LeakDetector(options.leakDetectionMs, redact) : null
     this.watchesLeases = this.leaks !== null || options.logDbTime || options.serverTiming
+    this.pooler = options.pooler === 'transaction' ? new TransactionPooler() : null
   }
 
   /** Take a client for `holder`. Rejects with a typed 503 error: never waits past acquireTimeoutMs. */

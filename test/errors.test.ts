@@ -11,7 +11,8 @@ const expected: Array<[keyof typeof errors, number, unknown[], RegExp]> = [
   ['FST_REQUEST_DB_CLOSING', 503, [], /shutting down/],
   ['FST_REQUEST_DB_RELEASED', 500, [], /after the request ended/],
   ['FST_REQUEST_DB_TRANSACTION_STATEMENT', 500, ['COMMIT would end the route\'s transaction'], /^Transaction statement refused: COMMIT would end the route's transaction$/],
-  ['FST_REQUEST_DB_COMMIT_FAILED', 500, ['deferred constraint'], /could not be committed: deferred constraint$/]
+  ['FST_REQUEST_DB_COMMIT_FAILED', 500, ['deferred constraint'], /could not be committed: deferred constraint$/],
+  ['FST_REQUEST_DB_POOLER_REFUSED', 500, ['LISTEN: notifications never arrive'], /^Refused behind a transaction-mode pooler: LISTEN: notifications never arrive$/]
 ]
 
 t.test('every error code: name, code, message, status, instanceof', async (t) => {
