@@ -2,6 +2,7 @@ import type { QueryConfig, QueryResult, QueryResultRow } from 'pg'
 import { checkHealth, type DbHealth, type DbHealthOptions } from './observability/health.js'
 import type { ClientGate, DbStats } from './pool.js'
 import type { PostgresPool } from './postgres-pool.js'
+import type { ReplicaStatus } from './replicas.js'
 import { type DbSession, Session } from './session.js'
 import { isSubmittable } from './streams.js'
 
@@ -28,6 +29,11 @@ export interface AppDb {
    * not ok (credentials masked). Never rejects.
    */
   health (options?: DbHealthOptions): Promise<DbHealth>
+  /**
+   * The read replicas (`replicaUrls`) as the background check last saw them: `{ name, usable,
+   * lagMs, reason, stats }` each. Empty when there are none.
+   */
+  readonly replicas: ReplicaStatus[]
 }
 
 export class AppDatabase implements AppDb {
@@ -59,6 +65,10 @@ export class AppDatabase implements AppDb {
 
   stats (): DbStats {
     return this.gate.stats()
+  }
+
+  get replicas (): ReplicaStatus[] {
+    return this.gate.replicas?.status() ?? []
   }
 
   health (options?: DbHealthOptions): Promise<DbHealth> {

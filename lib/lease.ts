@@ -6,6 +6,7 @@ import { promised, type Taken } from './checkout.js'
 import { FST_REQUEST_DB_CLOSING, FST_REQUEST_DB_COMMIT_FAILED, FST_REQUEST_DB_RELEASED } from './errors.js'
 import { LeaseActivity } from './observability/lease-activity.js'
 import type { ClientGate } from './pool.js'
+import type { ReplicaReads } from './replicas.js'
 import { connectionGone, isStream, responseEnded } from './response-state.js'
 import { CANCEL_GRACE_MS, type DbSession, notCommitted, OWN, Session } from './session.js'
 
@@ -31,12 +32,21 @@ export interface RequestDb extends DbSession {
   connect (): Promise<RequestDbClient>
   /** The pg-pool face: does nothing (the connection goes back when the request ends). */
   end (): Promise<void>
+  /**
+   * Reads for a replica (`replicaUrls`): `request.db.replica.query(…)` runs on a usable replica,
+   * on a second lease of its own, given back with the first. On the primary instead once this
+   * request has used the primary (read-your-writes), on a transaction route, when no replica is
+   * usable, or when there are none.
+   */
+  readonly replica: ReplicaReads
 }
 
 /** Per-route settings: `{ config: { db: { transaction: true } } }`. */
 export interface RouteDbConfig {
   /** Run the whole request in one transaction: committed before the response if it succeeded. */
   transaction?: boolean
+  /** Run the request's statements on a read replica (`replicaUrls`), or the primary when none is usable. */
+  readOnly?: boolean
 }
 
 const IDLE = 0
@@ -113,6 +123,21 @@ export class Lease extends Session implements RequestDb {
 
   end (): Promise<void> {
     return Promise.resolve()
+  }
+
+  get replica (): ReplicaReads {
+    const replicas = this.gate.replicas
+    return replicas === null ? this : replicas.readsFor(this)
+  }
+
+  /** The request has taken a client (run a statement) on this lease's pool. */
+  get hasTakenClient (): boolean {
+    return this.state !== IDLE
+  }
+
+  /** A lease for the same request on another gate (a replica's). */
+  sibling (gate: ClientGate): Lease {
+    return new Lease(gate, this.request, this.reply)
   }
 
   /** Is this a route transaction's route (`config.db.transaction`)? Read only where it's needed. */

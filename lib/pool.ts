@@ -13,6 +13,7 @@ import { LeakDetector } from './observability/leak-detector.js'
 import type { ResolvedOptions } from './options.js'
 import type { PostgresPool } from './postgres-pool.js'
 import { TransactionPooler } from './pooler.js'
+import type { Replicas } from './replicas.js'
 import { WaitQueue } from './wait-queue.js'
 
 /** Pool figures: `leased` is the clients held by requests right now. */
@@ -45,6 +46,8 @@ export class ClientGate {
   closing = false
   /** The rules of a transaction-mode pooler (options.pooler), or null when there is none. */
   readonly pooler: TransactionPooler | null
+  /** The app's read replicas (options.replicaUrls), on the primary's gate; null when there are none. */
+  replicas: Replicas | null = null
   private readonly held: HeldClients
   /** The longest wait for a client (options.acquireTimeoutMs); also the health check's default deadline. */
   readonly acquireTimeoutMs: number

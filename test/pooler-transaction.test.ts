@@ -24,7 +24,10 @@ t.test('options: pooler and DB_POOLER; statementTimeoutMs with pooler=transactio
     { code: 'FST_REQUEST_DB_INVALID_OPTION', message: /^Invalid statementTimeoutMs=5000: cannot be applied with pooler=transaction .*ALTER ROLE/ })
   t.throws(() => resolveOptions({ env: { DB_POOLER: 'transaction', DB_STATEMENT_TIMEOUT_MS: '100' } }), { message: /statementTimeoutMs=100.*pooler=transaction/ })
   const app = Fastify()
-  await t.rejects(app.register(requestDb, { pooler: 'transaction', statementTimeoutMs: 1000, env: { DATABASE_URL: adminUrl } }).ready(),
+  await t.rejects(async () => {
+    await app.register(requestDb, { pooler: 'transaction', statementTimeoutMs: 1000, env: { DATABASE_URL: adminUrl } })
+    await app.ready()
+  },
     { code: 'FST_REQUEST_DB_INVALID_OPTION', message: /statementTimeoutMs=1000.*pooler=transaction/ }, 'ready() rejects, naming the option and the pooler')
   await app.close()
 })
@@ -171,7 +174,7 @@ if (havePgBouncer(t, 'test/pooler-transaction.test.ts (pooler: \'transaction\' b
     app.get<{ Querystring: { n: string } }>('/named', async (request) => {
       const n = Number(request.query.n)
       const first = await request.db.query({ name: 'pooler_double', text: 'SELECT $1::int * 2 AS doubled', values: [n] })
-      const again = await request.db.query({ name: 'pooler_double', values: [n + 1] } as never)
+      const again = await request.db.query({ name: 'pooler_double', values: [n + 1] } as unknown as pg.QueryConfig)
       return { doubled: first.rows[0].doubled, again: again.rows[0].doubled }
     })
     app.post<{ Body: { body: string, fail?: boolean } }>('/notes', tx, async (request) => {
