@@ -60,8 +60,14 @@ class ReplicaGate extends ClientGate {
   }
 
   override release (holder: ClientHolder | null, client: PoolClient, destroy: boolean, poolRelease = client.release, reason: Parameters<ClientGate['release']>[4] = null): void {
-    if (this.borrowed.delete(client)) this.primary.release(holder, client, destroy, poolRelease, reason)
-    else super.release(holder, client, destroy, poolRelease, reason)
+    if (this.borrowed.delete(client)) {
+      this.primary.release(holder, client, destroy, poolRelease, reason)
+      return
+    }
+    // A connection that broke under a statement: the replica may be gone. Not used until the next
+    // check finds it well, so the requests that follow go to the primary instead of failing too.
+    if (destroy && reason === 'failed') this.replica.markUnusable('a connection to it failed')
+    super.release(holder, client, destroy, poolRelease, reason)
   }
 
   private borrow (holder: ClientHolder, taken: Taken): void {
@@ -108,6 +114,8 @@ export class Replicas {
   private next = 0
   private timer: NodeJS.Timeout | null = null
   private checking: Promise<void> | null = null
+  /** The primary's WAL position at recent checks, oldest first. */
+  private readonly samples: LsnSample[] = []
   /** A request's second lease, on a replica (request.db.replica), by its primary lease. */
   private readonly side = new WeakMap<Lease, Lease>()
   readonly intervalMs: number
@@ -124,9 +132,13 @@ export class Replicas {
         ...(options.statementTimeoutMs > 0 ? { statement_timeout: options.statementTimeoutMs } : {})
       })
       // An idle client whose replica went away: logged, never an uncaught 'error'.
-      pool.on('error', (err) => log.warn({ replica: target, err: { type: err.name, message: redact(err.message), code: (err as { code?: string }).code } },
-        'fastify-request-db: an idle replica connection failed and was removed from its pool'))
-      return new Replica(target, pool, options, log, redact, primary)
+      const replica = new Replica(target, pool, options, log, redact, primary)
+      pool.on('error', (err) => {
+        log.warn({ replica: target, err: { type: err.name, message: redact(err.message), code: (err as { code?: string }).code } },
+          'fastify-request-db: an idle replica connection failed and was removed from its pool')
+        replica.markUnusable('an idle connection to it failed')
+      })
+      return replica
     })
     // Often enough that a replica falling behind is noticed well within the bound.
     this.intervalMs = Math.min(1000, Math.max(50, Math.floor(options.maxReplicaLagMs / 4)))
@@ -196,31 +208,39 @@ export class Replicas {
   }
 
   /**
-   * Each replica's lag: none when it has replayed everything the primary had written when asked
-   * (LSNs); else the time since the last transaction it replayed was committed on the primary
-   * (pg_last_xact_replay_timestamp), which grows while replay stalls and the primary writes on.
+   * Each replica's lag, from LSNs and pg_last_xact_replay_timestamp(). The primary's WAL position is
+   * sampled at every check; a replica that has replayed past the newest sample lags 0. Otherwise
+   * its lag is the time since the first sample it has not reached (the primary had moved past
+   * where the replica stands by then: accurate to one check interval). When even the oldest sample
+   * kept is ahead of it, how long ago the primary passed that point is not known, and the time
+   * since the last transaction it replayed was committed (pg_last_xact_replay_timestamp) is used:
+   * an upper bound, which grows while replay stalls and the primary writes on. (That timestamp
+   * alone would call a replica of a primary idle for an hour an hour behind for the moment it
+   * takes to replay the first write.)
    */
   private async check (): Promise<void> {
     const primaryLsn = await this.primaryLsn()
+    const now = performance.now()
+    const samples = this.samples
+    if (primaryLsn !== null) samples.push({ lsn: primaryLsn, at: now })
+    const keepMs = this.options.maxReplicaLagMs + 3 * this.intervalMs
+    while (samples.length > 1 && now - samples[0].at > keepMs) samples.shift()
     await Promise.all(this.list.map(async (replica) => {
       try {
         const { rows: [row] } = await replica.pool.query({
-          text: `SELECT pg_is_in_recovery() AS recovery,
-              coalesce(pg_last_wal_replay_lsn() >= $1::pg_lsn, false) AS caught_up,
+          text: `SELECT pg_is_in_recovery() AS recovery, pg_last_wal_replay_lsn()::text AS replayed,
               (extract(epoch FROM clock_timestamp() - pg_last_xact_replay_timestamp()) * 1000)::float8 AS since_replay_ms`,
-          values: [primaryLsn],
           query_timeout: CHECK_TIMEOUT_MS
         } as pg.QueryConfig)
         if (row.recovery !== true) {
           replica.markUnusable('it is not in recovery (not a replica, or promoted)')
           return
         }
-        const lagMs = row.caught_up === true ? 0 : row.since_replay_ms === null ? null : Math.max(0, Math.round(row.since_replay_ms))
+        const lagMs = lagOf(row.replayed === null ? null : lsnValue(row.replayed), row.since_replay_ms, samples, now)
+        replica.lagMs = lagMs
         if (lagMs === null) {
-          replica.lagMs = null
-          replica.markUnusable('it is behind the primary and has replayed no transaction yet')
+          replica.markUnusable('it is behind the primary, by an unknown time')
         } else if (lagMs > this.options.maxReplicaLagMs) {
-          replica.lagMs = lagMs
           replica.markUnusable(`it lags ${lagMs} ms behind the primary (maxReplicaLagMs=${this.options.maxReplicaLagMs})`)
         } else {
           replica.markUsable(lagMs)
@@ -233,11 +253,11 @@ export class Replicas {
   }
 
   /** The primary's WAL position now; null if it can't be read (then lag is judged by time alone). */
-  private async primaryLsn (): Promise<string | null> {
+  private async primaryLsn (): Promise<bigint | null> {
     try {
       const client = await this.primary.acquire(CHECKER)
       try {
-        return (await client.query('SELECT pg_current_wal_lsn()::text AS lsn')).rows[0].lsn
+        return lsnValue((await client.query('SELECT pg_current_wal_lsn()::text AS lsn')).rows[0].lsn)
       } finally {
         this.primary.release(CHECKER, client, false)
       }
@@ -245,6 +265,24 @@ export class Replicas {
       return null
     }
   }
+}
+
+interface LsnSample { lsn: bigint, at: number }
+
+/** A replica's lag in ms (see Replicas.check), or null when it can't be told. */
+export function lagOf (replayed: bigint | null, sinceReplayMs: number | null, samples: readonly LsnSample[], now: number): number | null {
+  const byTime = sinceReplayMs === null ? null : Math.max(0, Math.round(sinceReplayMs))
+  if (replayed === null || samples.length === 0) return byTime
+  const first = samples.findIndex((sample) => sample.lsn > replayed)
+  if (first === -1) return 0
+  if (first > 0) return Math.max(0, Math.round(now - samples[first].at))
+  return byTime
+}
+
+/** 'X/Y' (two hex numbers) as one number. */
+function lsnValue (text: string): bigint {
+  const [high, low] = text.split('/')
+  return (BigInt(`0x${high}`) << 32n) | BigInt(`0x${low}`)
 }
 
 // The background check's holder on the primary: never a request's lease.

@@ -9,6 +9,7 @@ import pg from 'pg'
 import t from 'tap'
 import requestDb, { type RequestDbOptions } from '../lib/index.js'
 import { resolveOptions } from '../lib/options.js'
+import { lagOf } from '../lib/replicas.js'
 import { startEmbeddedPostgres } from '../scripts/embedded-postgres.mjs'
 import { startReplica } from '../scripts/replica.mjs'
 import { waitFor } from './helpers/db.js'
@@ -24,6 +25,17 @@ t.test('options: replicaUrls, DATABASE_REPLICA_URLS, maxReplicaLagMs, DB_MAX_REP
   t.throws(() => resolveOptions({ replicaUrls: 'postgres://r1/app' as never, env: {} }), { code: 'FST_REQUEST_DB_INVALID_OPTION', message: /^Invalid replicaUrls="postgres:\/\/r1\/app": must be an array/ })
   t.throws(() => resolveOptions({ env: { DATABASE_REPLICA_URLS: 'postgres://u:hunter2@r1/app,mysql://u:pw@r2/app' } }), { message: /^Invalid DATABASE_REPLICA_URLS\[1\]="mysql:\/\/u:\*+@r2\/app": has protocol "mysql:"/ })
   t.throws(() => resolveOptions({ env: { DB_MAX_REPLICA_LAG_MS: '-1' } }), { message: /^Invalid DB_MAX_REPLICA_LAG_MS="-1"/ })
+})
+
+t.test('lag from LSN samples and the last replayed commit', async (t) => {
+  const samples = [{ lsn: 100n, at: 1000 }, { lsn: 200n, at: 2000 }, { lsn: 300n, at: 3000 }]
+  t.equal(lagOf(300n, 60_000, samples, 3500), 0, 'replayed all the newest sample holds: 0, however old its last commit (an idle primary)')
+  t.equal(lagOf(250n, 60_000, samples, 3500), 500, 'behind: time since the first sample it has not reached')
+  t.equal(lagOf(150n, 60_000, samples, 3500), 1500)
+  t.equal(lagOf(50n, 60_000, samples, 3500), 60_000, 'behind even the oldest sample: the time since its last replayed commit')
+  t.equal(lagOf(50n, null, samples, 3500), null, 'and unknown without one')
+  t.equal(lagOf(null, 1234.4, samples, 3500), 1234, 'no replay position: the time alone')
+  t.equal(lagOf(50n, 10, [], 3500), 10, 'no primary position known: the time alone')
 })
 
 const primary = await startEmbeddedPostgres({ maxConnections: 60 })
@@ -105,13 +117,14 @@ t.test('replica stopped mid-run: reads fall back to the primary, no 5xx beyond t
     app.get('/slow-read', { config: { db: { readOnly: true } } }, async (request) => (await request.db.query('SELECT pg_is_in_recovery() AS replica, pg_sleep(0.02)')).rows[0])
   })
   const WORKERS = 8
-  const log: Array<{ at: number, status: number, replica: boolean | null }> = []
+  const log: Array<{ started: number, at: number, status: number, replica: boolean | null }> = []
   let stopAt = 0
   let running = true
   const worker = async (): Promise<void> => {
     while (running) {
+      const started = Date.now()
       const res = await app.inject(Math.random() < 0.5 ? '/slow-read' : '/replica-read')
-      log.push({ at: Date.now(), status: res.statusCode, replica: res.statusCode === 200 ? res.json().replica : null })
+      log.push({ started, at: Date.now(), status: res.statusCode, replica: res.statusCode === 200 ? res.json().replica : null })
     }
   }
   const workers = Array.from({ length: WORKERS }, worker)
@@ -133,6 +146,7 @@ t.test('replica stopped mid-run: reads fall back to the primary, no 5xx beyond t
   t.ok(before.length > 0 && before.every((e) => e.status === 200 && e.replica === true), `before: ${before.length} reads, all on the replica`)
   t.ok(failed.length <= WORKERS, `failed: ${failed.length} (statuses ${failed.map((e) => e.status).join(' ') || 'none'}), at most the ${WORKERS} that can have been on it`)
   t.ok(failed.every((e) => e.status === 503), 'and those were 503s')
+  t.same(failed.filter((e) => e.started >= stoppedAt).map((e) => `${e.started - stoppedAt} ms after`), [], 'every failed request had started before the replica was down: none that came later failed')
   t.ok(log.some((e) => e.at > stoppedAt && e.status === 200 && e.replica === false), 'while it was down, reads were served by the primary')
   const tail = log.slice(-WORKERS * 2)
   t.ok(tail.every((e) => e.status === 200 && e.replica === true), 'after the restart, reads are on the replica again')
