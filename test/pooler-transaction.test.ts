@@ -3,11 +3,15 @@
 // statements run unnamed, route transactions, cancel, acquire timeouts, shutdown and recovery, and
 // 200 interleaved requests of which some try to set session state: none may see another's.
 // The classifier and the option checks need no PgBouncer and always run.
+import { eq, sql } from 'drizzle-orm'
+import { pgTable, serial, text } from 'drizzle-orm/pg-core'
 import Fastify, { type FastifyInstance } from 'fastify'
 import pg from 'pg'
+import QueryStream from 'pg-query-stream'
 import t from 'tap'
 import requestDb, { FST_REQUEST_DB_POOLER_REFUSED } from '../lib/index.js'
 import { resolveOptions } from '../lib/options.js'
+import { createDrizzle } from '../lib/integrations/drizzle.js'
 import { poolerStatement } from '../lib/pooler.js'
 import { startPgBouncer } from '../scripts/pgbouncer.mjs'
 import { adminUrl, buildApp, createDatabase, type TestDatabase, waitFor } from './helpers/db.js'
@@ -73,6 +77,8 @@ t.test('the classifier: refused outside a transaction, SET made LOCAL inside one
   }
 })
 
+const notes = pgTable('notes', { id: serial('id').primaryKey(), body: text('body').notNull() })
+
 if (havePgBouncer(t, 'test/pooler-transaction.test.ts (pooler: \'transaction\' behind a real PgBouncer)')) {
   const server = new URL(adminUrl)
   const target = { host: server.hostname, port: Number(server.port), user: decodeURIComponent(server.username), password: decodeURIComponent(server.password) }
@@ -120,6 +126,22 @@ if (havePgBouncer(t, 'test/pooler-transaction.test.ts (pooler: \'transaction\' b
       return 'sent'
     })
     app.get('/state', async (request) => (await request.db.query(STATE)).rows[0])
+    app.get('/stream', async (request) => {
+      const stream = request.db.query(new QueryStream("SELECT set_config('app.tenant', 'leak', false)"))
+      return new Promise((resolve) => stream.on('error', (err: Error & { code?: string }) => resolve({ code: err.code })).resume())
+    })
+    app.get('/stream-in-tx', tx, async (request) => {
+      const stream = request.db.query(new QueryStream("SET app.tenant = 'leak'"))
+      return new Promise((resolve) => stream.on('error', (err: Error & { code?: string }) => resolve({ code: err.code, message: err.message })).resume())
+    })
+    app.get('/unknown-name', async (request) => {
+      await request.db.query({ name: 'never_seen' } as unknown as pg.QueryConfig)
+      return 'sent'
+    })
+    t.same((await app.inject('/stream')).json(), { code: 'FST_REQUEST_DB_POOLER_REFUSED' }, 'a stream (cursor) that sets session state: refused too')
+    t.match((await app.inject('/stream-in-tx')).json(), { code: 'FST_REQUEST_DB_POOLER_REFUSED', message: /run the SET as a statement of its own/ }, 'a stream whose SET would need rewriting: refused')
+    const unknown = await app.inject('/unknown-name')
+    t.match(unknown.json(), { code: 'FST_REQUEST_DB_POOLER_REFUSED', message: /"never_seen" has no text/ }, 'a { name } never seen with its text: refused')
     for (let i = 0; i < attempts.length; i++) {
       const res = await app.inject(`/try?i=${i}`)
       t.equal(res.statusCode, 500, `${attempts[i]}: 500`)
@@ -182,6 +204,11 @@ if (havePgBouncer(t, 'test/pooler-transaction.test.ts (pooler: \'transaction\' b
       if (request.body.fail === true) throw new Error('handler failed')
       return 'ok'
     })
+    app.get<{ Querystring: { body: string } }>('/drizzle-prepared', async (request) => {
+      const orm = createDrizzle(request.db)
+      const byBody = orm.select({ body: notes.body }).from(notes).where(eq(notes.body, sql.placeholder('body'))).prepare('pooler_notes_by_body')
+      return { found: (await byBody.execute({ body: request.query.body })).length, again: (await byBody.execute({ body: 'kept' })).length }
+    })
     const answers = await Promise.all(Array.from({ length: 60 }, (_, n) => app.inject(`/named?n=${n}`)))
     t.same(answers.map((r) => r.statusCode === 200 ? r.json() : r.body), Array.from({ length: 60 }, (_, n) => ({ doubled: n * 2, again: (n + 1) * 2 })),
       '60 concurrent requests, each running one name twice: every answer right')
@@ -190,6 +217,9 @@ if (havePgBouncer(t, 'test/pooler-transaction.test.ts (pooler: \'transaction\' b
     t.same([ok.statusCode, failed.statusCode], [200, 500])
     const { rows } = await db.admin.query("SELECT body FROM notes WHERE body IN ('kept', 'rolled back')")
     t.same(rows, [{ body: 'kept' }], 'the route transaction committed; the failed one rolled back')
+    const drizzled = await Promise.all(Array.from({ length: 30 }, (_, i) => app.inject(`/drizzle-prepared?body=${i % 2 === 0 ? 'kept' : 'none'}`)))
+    t.same(drizzled.map((r) => r.statusCode === 200 ? r.json() : r.body), Array.from({ length: 30 }, (_, i) => ({ found: i % 2 === 0 ? 1 : 0, again: 1 })),
+      'Drizzle .prepare(name), 30 concurrent requests each executing it twice: every answer right, no 42P05')
     t.equal(app.db.stats().leased, 0, 'every lease given back')
   })
 
