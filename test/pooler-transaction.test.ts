@@ -256,7 +256,13 @@ if (havePgBouncer(t, 'test/pooler-transaction.test.ts (pooler: \'transaction\' b
     })
     const okCount = async (n: number): Promise<number> => (await Promise.all(Array.from({ length: n }, () => app.inject('/quick')))).filter((r) => r.statusCode === 200).length
     t.equal(await okCount(10), 10, 'served before')
+    // A statement running through PgBouncer when it goes away: that request fails, typed.
+    const inFlight = app.inject('/sleep')
+    await waitFor(async () => (await db.admin.query("SELECT 1 FROM pg_stat_activity WHERE datname = $1 AND query LIKE '%pg_sleep(5)%' AND pid <> pg_backend_pid()", [db.name])).rows.length > 0, 5000, 'the sleep to run')
     await bouncer.restart()
+    const cut = await inFlight
+    t.equal(cut.statusCode, 503, `the request whose statement ran through PgBouncer when it restarted: 503 (${cut.json().code})`)
+    t.equal(cut.json().code, 'FST_REQUEST_DB_CONNECTION_LOST')
     // Idle clients' connections died with it; each fails its first use at most once.
     let served = 0
     const statuses: number[] = []

@@ -77,6 +77,12 @@ async function replicaApp (test: { teardown (fn: () => unknown): void }, options
     const after = (await request.db.replica.query(where)).rows[0]
     return { before, after, wrote: rows[0].id }
   })
+  app.get('/two-replica-reads', async (request) => {
+    const pid = 'SELECT pg_backend_pid() AS pid, pg_is_in_recovery() AS replica'
+    const [a, b] = await Promise.all([request.db.replica.query(pid), request.db.replica.query(pid)])
+    const c = await request.db.replica.query(pid)
+    return [a.rows[0], b.rows[0], c.rows[0]]
+  })
   app.get('/in-route-tx', { config: { db: { transaction: true } } }, async (request) => (await request.db.replica.query(where)).rows[0])
   app.get('/read-only-write', { config: { db: { readOnly: true } } }, async (request) => {
     await request.db.query('INSERT INTO events DEFAULT VALUES')
@@ -102,6 +108,9 @@ t.test('reads go where they should; read-your-writes; one lease per pool, given 
   t.equal(rw.before.replica, true, 'before the request used the primary: the replica')
   t.equal(rw.after.replica, false, 'after it wrote on the primary: its reads stay on the primary')
   t.equal(rw.after.last, rw.wrote, 'and see its own write')
+  const three = (await app.inject('/two-replica-reads')).json()
+  t.equal(new Set(three.map((r: { pid: number }) => r.pid)).size, 1, 'three replica reads of one request (two of them concurrent): one replica connection')
+  t.ok(three.every((r: { replica: boolean }) => r.replica), 'all on the replica')
   t.equal((await app.inject('/in-route-tx')).json().replica, false, 'a route transaction reads inside its transaction, on the primary')
   const write = await app.inject('/read-only-write')
   t.equal(write.statusCode, 500, 'a write on a read-only route fails')
