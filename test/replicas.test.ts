@@ -13,6 +13,7 @@ import { lagOf } from '../lib/replicas.js'
 import { startEmbeddedPostgres } from '../scripts/embedded-postgres.mjs'
 import { startReplica } from '../scripts/replica.mjs'
 import { waitFor } from './helpers/db.js'
+import { getOnOwnSocket, listen } from './helpers/http.js'
 
 t.test('options: replicaUrls, DATABASE_REPLICA_URLS, maxReplicaLagMs, DB_MAX_REPLICA_LAG_MS', async (t) => {
   const none = resolveOptions({ env: {} })
@@ -119,6 +120,25 @@ t.test('reads go where they should; read-your-writes; one lease per pool, given 
   t.same(many.filter((r) => r.statusCode !== 200).map((r) => r.body), [], '40 concurrent mixed requests: all served')
   t.equal(leased(app), 0, 'no lease left on the primary or the replica')
   t.ok(app.db.replicas[0].stats.total > 0, 'the replica pool was used')
+})
+
+t.test('a client that hangs up during a replica read: the statement is cancelled on the replica, every lease given back', async (t) => {
+  const app = await replicaApp(t, { abortGraceMs: 20 }, (app) => {
+    // request.db.replica's own lease, beside a primary lease that is never used.
+    app.get('/slow-side', async (request) => (await request.db.replica.query('SELECT pg_sleep(10)')).rows)
+    // A read-only route's request.db.
+    app.get('/slow-read-only', { config: { db: { readOnly: true } } }, async (request) => (await request.db.query('SELECT pg_sleep(10)')).rows)
+  })
+  const port = await listen(app)
+  const running = async (): Promise<boolean> => (await replicaAdmin.query("SELECT 1 FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(10)' AND pid <> pg_backend_pid()")).rows.length > 0
+  for (const path of ['/slow-side', '/slow-read-only']) {
+    const socket = getOnOwnSocket(port, path)
+    await waitFor(running, 5000, `${path}: the replica statement to run`)
+    socket.destroy()
+    await waitFor(async () => !await running(), 3000, `${path}: the replica statement to be cancelled`)
+    await waitFor(() => leased(app) === 0, 3000, `${path}: every lease given back`)
+    t.pass(`${path}: cancelled on the replica after the hang-up, no lease left`)
+  }
 })
 
 t.test('replica stopped mid-run: reads fall back to the primary, no 5xx beyond the requests that were on it; restarted: back', async (t) => {
