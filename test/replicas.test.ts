@@ -224,3 +224,11 @@ t.test('a replica unreachable at startup: ready() resolves, reads on the primary
   const res = await app.inject('/read-only')
   t.same([res.statusCode, res.json().replica], [200, false], 'served by the primary')
 })
+
+t.test('a "replica" that is not in recovery (the primary itself): not used, and the status says why', async (t) => {
+  const app = Fastify()
+  t.teardown(() => app.close())
+  await app.register(requestDb, { env: {}, connectionString: primaryUrl, replicaUrls: [primaryUrl] })
+  await app.ready()
+  t.match(app.db.replicas, [{ usable: false, reason: 'it is not in recovery (not a replica, or promoted)' }])
+})
