@@ -4,6 +4,7 @@ import type { ClientGate, DbStats } from './pool.js'
 import { FST_REQUEST_DB_INVALID_CONTEXT } from './errors.js'
 import type { PostgresPool } from './postgres-pool.js'
 import { checkContext, ContextSession, type DbContext } from './request-context.js'
+import type { ReplicaStatus } from './replicas.js'
 import { type DbSession, Session } from './session.js'
 import { isSubmittable } from './streams.js'
 
@@ -36,6 +37,11 @@ export interface AppDb {
    * not ok (credentials masked). Never rejects.
    */
   health (options?: DbHealthOptions): Promise<DbHealth>
+  /**
+   * The read replicas (`replicaUrls`) as the background check last saw them: `{ name, usable,
+   * lagMs, reason, stats }` each. Empty when there are none.
+   */
+  readonly replicas: ReplicaStatus[]
 }
 
 export class AppDatabase implements AppDb {
@@ -79,6 +85,10 @@ export class AppDatabase implements AppDb {
 
   stats (): DbStats {
     return this.gate.stats()
+  }
+
+  get replicas (): ReplicaStatus[] {
+    return this.gate.replicas?.status() ?? []
   }
 
   health (options?: DbHealthOptions): Promise<DbHealth> {

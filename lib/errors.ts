@@ -123,6 +123,17 @@ export const FST_REQUEST_DB_CONTEXT_STATEMENT = createError<'FST_REQUEST_DB_CONT
   500
 )
 
+/**
+ * With `pooler: 'transaction'`: a statement that would leave session state on a server connection
+ * the pooler shares with other clients (SET outside a transaction, set_config(…, false), a session
+ * advisory lock, LISTEN, PREPARE, a temporary table…) was refused before it was sent. 500.
+ */
+export const FST_REQUEST_DB_POOLER_REFUSED = createError<'FST_REQUEST_DB_POOLER_REFUSED', 500, [reason: string]>(
+  'FST_REQUEST_DB_POOLER_REFUSED',
+  'Refused behind a transaction-mode pooler: %s',
+  500
+)
+
 /** Codes a client may retry after a pause: the handler answers them with `Retry-After`. */
 export const RETRYABLE_CODES: ReadonlySet<string> = new Set([
   'FST_REQUEST_DB_ACQUIRE_TIMEOUT',

@@ -14,6 +14,11 @@ export function leaseOf (request: FastifyRequest): Lease | undefined {
   return (request as WithLease)[kLease]
 }
 
+/** Put another lease in the request's place (a read-only route's, on a replica: replicas.ts). */
+export function setLease (request: FastifyRequest, lease: Lease): void {
+  (request as WithLease)[kLease] = lease
+}
+
 /**
  * `request.db` and the request-side hooks. onRequest only allocates the handle: the pool is
  * touched at first use, so slow bodies and db-less routes hold no connection. onSend commits a

@@ -7,6 +7,7 @@ import { FST_REQUEST_DB_CLOSING, FST_REQUEST_DB_COMMIT_FAILED, FST_REQUEST_DB_CO
 import { LeaseActivity } from './observability/lease-activity.js'
 import type { ClientGate } from './pool.js'
 import { type AppliedContext, callContext, checkContext, contextFailed, contextFunctionFor, type DbContextFunction, isThenable, Refusal, refusedByDatabase } from './request-context.js'
+import type { ReplicaReads } from './replicas.js'
 import { connectionGone, isStream, responseEnded } from './response-state.js'
 import { CANCEL_GRACE_MS, type DbSession, notCommitted, OWN, Session } from './session.js'
 
@@ -32,6 +33,13 @@ export interface RequestDb extends DbSession {
   connect (): Promise<RequestDbClient>
   /** The pg-pool face: does nothing (the connection goes back when the request ends). */
   end (): Promise<void>
+  /**
+   * Reads for a replica (`replicaUrls`): `request.db.replica.query(…)` runs on a usable replica,
+   * on a second lease of its own, given back with the first. On the primary instead once this
+   * request has used the primary (read-your-writes), on a transaction route, when no replica is
+   * usable, or when there are none.
+   */
+  readonly replica: ReplicaReads
 }
 
 /** Per-route settings: `{ config: { db: { transaction: true } } }`. */
@@ -43,6 +51,8 @@ export interface RouteDbConfig {
    * for none. A request with a context runs in a transaction, as `transaction: true` does.
    */
   context?: DbContextFunction | false
+  /** Run the request's statements on a read replica (`replicaUrls`), or the primary when none is usable. */
+  readOnly?: boolean
 }
 
 const IDLE = 0
@@ -137,6 +147,21 @@ export class Lease extends Session implements RequestDb {
   override transaction<T> (fn: (tx: this) => Promise<T> | T): Promise<T> {
     if (this.current !== null) return super.transaction(fn)
     return promised((taken) => this.withClient(taken)).then(() => super.transaction(fn))
+  }
+
+  get replica (): ReplicaReads {
+    const replicas = this.gate.replicas
+    return replicas === null ? this : replicas.readsFor(this)
+  }
+
+  /** The request has taken a client (run a statement) on this lease's pool. */
+  get hasTakenClient (): boolean {
+    return this.state !== IDLE
+  }
+
+  /** A lease for the same request on another gate (a replica's). */
+  sibling (gate: ClientGate): Lease {
+    return new Lease(gate, this.request, this.reply)
   }
 
   /** Is this a route transaction's route (`config.db.transaction`)? Read only where it's needed. */

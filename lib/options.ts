@@ -83,6 +83,26 @@ export interface RequestDbOptions {
    * `FST_REQUEST_DB_INVALID_CONTEXT`. Env: none. Default: none (a context can't set a role).
    */
   contextRoles?: readonly string[]
+  /**
+   * What sits between the app and PostgreSQL. `'transaction'`: a pooler in transaction mode
+   * (PgBouncer `pool_mode = transaction`), which gives each transaction whichever server connection
+   * is free. Session-level state outside a transaction is then refused before it is sent, `SET`
+   * inside one becomes `SET LOCAL`, named prepared statements run unnamed, and `statementTimeoutMs`
+   * is refused at startup ([docs/pgbouncer.md](../docs/pgbouncer.md)). Env: `DB_POOLER`.
+   * Default: `'none'`.
+   */
+  pooler?: 'none' | 'transaction'
+  /**
+   * Read replicas (`postgres://…` URLs), one pool each, for routes with `config.db.readOnly` and for
+   * `request.db.replica` ([docs/replicas.md](../docs/replicas.md)). Env: `DATABASE_REPLICA_URLS`
+   * (comma-separated). Default: none.
+   */
+  replicaUrls?: string[]
+  /**
+   * A replica further behind the primary than this (checked in the background) is not used: its
+   * reads go to the primary until it catches up. Env: `DB_MAX_REPLICA_LAG_MS`. Default: 5000.
+   */
+  maxReplicaLagMs?: number
 }
 
 /** Connection settings handed to `pg`. */
@@ -116,6 +136,10 @@ export interface ResolvedOptions {
   readonly context: DbContextFunction | null
   /** The roles a context may set. */
   readonly contextRoles: ReadonlySet<string>
+  readonly pooler: 'none' | 'transaction'
+  /** Each replica's connection settings and `host:port/database` name. */
+  readonly replicas: ReadonlyArray<{ readonly connection: Readonly<ConnectionConfig>, readonly target: string }>
+  readonly maxReplicaLagMs: number
   /** Strings that must never reach a message or a log line. */
   readonly secrets: readonly string[]
 }
@@ -129,7 +153,8 @@ const DEFAULTS = {
   abortGraceMs: 250,
   maxWaiting: Number.POSITIVE_INFINITY,
   connectTimeoutMs: 0,
-  leakDetectionMs: 0
+  leakDetectionMs: 0,
+  maxReplicaLagMs: 5000
 } as const
 
 const FLAG_DEFAULTS = {
@@ -157,7 +182,8 @@ const INTEGER_SETTINGS: readonly IntegerSetting[] = [
   { option: 'abortGraceMs', env: 'DB_ABORT_GRACE_MS', min: 0, max: MAX_TIMER_MS },
   { option: 'maxWaiting', env: 'DB_POOL_MAX_WAITING', min: 0, max: 1_000_000 },
   { option: 'connectTimeoutMs', env: 'DB_CONNECT_TIMEOUT_MS', min: 0, max: MAX_TIMER_MS },
-  { option: 'leakDetectionMs', env: 'DB_LEAK_DETECTION_MS', min: 0, max: MAX_TIMER_MS }
+  { option: 'leakDetectionMs', env: 'DB_LEAK_DETECTION_MS', min: 0, max: MAX_TIMER_MS },
+  { option: 'maxReplicaLagMs', env: 'DB_MAX_REPLICA_LAG_MS', min: 0, max: MAX_TIMER_MS }
 ]
 
 interface FlagSetting {
@@ -171,7 +197,7 @@ const FLAG_SETTINGS: readonly FlagSetting[] = [
 ]
 
 const KNOWN_OPTIONS = new Set<string>([
-  'connectionString', 'pool', 'env', 'context', 'contextRoles', ...INTEGER_SETTINGS.map((s) => s.option), ...FLAG_SETTINGS.map((s) => s.option)
+  'connectionString', 'pool', 'env', 'context', 'contextRoles', 'pooler', 'replicaUrls', ...INTEGER_SETTINGS.map((s) => s.option), ...FLAG_SETTINGS.map((s) => s.option)
 ])
 
 const SSL_MODES = new Set(['disable', 'prefer', 'require', 'verify-ca', 'verify-full', 'no-verify'])
@@ -211,6 +237,14 @@ export function resolveOptions (options: RequestDbOptions = {}, env: Env = optio
   const contextRoles = resolveRoles(options.contextRoles)
 
   const { connection, target, secrets } = resolveConnection(options, env)
+  const pooler = resolvePooler(options.pooler, env.DB_POOLER)
+  if (pooler === 'transaction' && numbers.statementTimeoutMs > 0) {
+    // PgBouncer refuses statement_timeout as a startup parameter, and SET LOCAL would cover only
+    // the transactions the plugin opens: refused rather than half applied.
+    throw new FST_REQUEST_DB_INVALID_OPTION('statementTimeoutMs', String(numbers.statementTimeoutMs),
+      'cannot be applied with pooler=transaction (PgBouncer refuses statement_timeout as a startup parameter): set it on the server instead, ALTER ROLE … SET statement_timeout = …')
+  }
+  const replicas = resolveReplicas(options.replicaUrls, env.DATABASE_REPLICA_URLS, env, secrets)
 
   return Object.freeze({
     connection: Object.freeze(connection),
@@ -229,7 +263,36 @@ export function resolveOptions (options: RequestDbOptions = {}, env: Env = optio
     pool,
     context,
     contextRoles,
+    pooler,
+    replicas: Object.freeze(replicas),
+    maxReplicaLagMs: numbers.maxReplicaLagMs,
     secrets: Object.freeze(secrets)
+  })
+}
+
+function resolvePooler (explicit: unknown, fromEnv: string | undefined): 'none' | 'transaction' {
+  const [setting, value] = explicit !== undefined ? ['pooler', explicit] : ['DB_POOLER', fromEnv?.trim()]
+  if (value === undefined) return 'none'
+  if (value === 'none' || value === 'transaction') return value
+  throw new FST_REQUEST_DB_INVALID_OPTION(setting, describe(value), 'must be "none" or "transaction"')
+}
+
+function resolveReplicas (explicit: unknown, fromEnv: string | undefined, env: Env, secrets: string[]): Array<{ connection: ConnectionConfig, target: string }> {
+  let urls: unknown[]
+  let setting: string
+  if (explicit !== undefined) {
+    if (!Array.isArray(explicit)) throw new FST_REQUEST_DB_INVALID_OPTION('replicaUrls', describe(explicit), 'must be an array of postgres:// URLs')
+    urls = explicit
+    setting = 'replicaUrls'
+  } else {
+    urls = fromEnv === undefined ? [] : fromEnv.split(',').map((url) => url.trim()).filter((url) => url !== '')
+    setting = 'DATABASE_REPLICA_URLS'
+  }
+  return urls.map((url, i) => {
+    const replica = resolveConnection({ connectionString: url as string }, env, `${setting}[${i}]`)
+    // Gathered here too, so a replica's password is masked like the primary's.
+    for (const secret of replica.secrets) if (!secrets.includes(secret)) secrets.push(secret)
+    return { connection: Object.freeze(replica.connection), target: replica.target }
   })
 }
 
@@ -284,7 +347,7 @@ function range (setting: IntegerSetting): string {
   return `must be a whole number from ${setting.min} to ${setting.max}`
 }
 
-function resolveConnection (options: RequestDbOptions, env: Env): {
+function resolveConnection (options: RequestDbOptions, env: Env, name = 'connectionString'): {
   connection: ConnectionConfig
   target: string
   secrets: string[]
@@ -312,7 +375,7 @@ function resolveConnection (options: RequestDbOptions, env: Env): {
   }
 
   const [setting, url] = options.connectionString !== undefined
-    ? ['connectionString', options.connectionString as unknown]
+    ? [name, options.connectionString as unknown]
     : ['DATABASE_URL', env.DATABASE_URL as unknown]
 
   if (url !== undefined) {

@@ -9,6 +9,7 @@ import { type RequestDbOptions, type ResolvedOptions, resolveOptions } from './o
 import { ClientGate } from './pool.js'
 import type { PostgresPool } from './postgres-pool.js'
 import { createRedactor, loggableError } from './redact.js'
+import { addReplicas } from './replicas.js'
 import { addShutdownHooks } from './shutdown.js'
 
 /** The lifecycle, in order. Each step lives in the file it names. */
@@ -25,6 +26,9 @@ export async function requestDbPlugin (fastify: FastifyInstance, options: Reques
   fastify.decorate('db', new AppDatabase(gate, resolved.target))
   // request.db, and the hooks that hand it out and give its client back.
   addRequestHooks(fastify, gate)
+  // Read replicas: a pool and a gate each, lag checked in the background; readOnly routes and
+  // request.db.replica go there. After addRequestHooks: its onRequest replaces the lease.
+  if (resolved.replicas.length > 0) await addReplicas(fastify, gate, resolved, redact, clientWithConnectTimeout(resolved.acquireTimeoutMs))
   // logDbTime, serverTiming: hooks added only when on. After addRequestHooks: a route
   // transaction's COMMIT comes before the Server-Timing header is set.
   addRequestTiming(fastify, resolved)

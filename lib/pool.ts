@@ -14,6 +14,8 @@ import { LeakDetector } from './observability/leak-detector.js'
 import type { ResolvedOptions } from './options.js'
 import type { PostgresPool } from './postgres-pool.js'
 import type { DbContextFunction } from './request-context.js'
+import { TransactionPooler } from './pooler.js'
+import type { Replicas } from './replicas.js'
 import { WaitQueue } from './wait-queue.js'
 
 /** Pool figures: `leased` is the clients held by requests right now. */
@@ -48,6 +50,10 @@ export class ClientGate {
   /** The roles a context may set (options.contextRoles). */
   readonly contextRoles: ReadonlySet<string>
   closing = false
+  /** The rules of a transaction-mode pooler (options.pooler), or null when there is none. */
+  readonly pooler: TransactionPooler | null
+  /** The app's read replicas (options.replicaUrls), on the primary's gate; null when there are none. */
+  replicas: Replicas | null = null
   private readonly held: HeldClients
   /** The longest wait for a client (options.acquireTimeoutMs); also the health check's default deadline. */
   readonly acquireTimeoutMs: number
@@ -69,6 +75,7 @@ export class ClientGate {
     this.watchesLeases = this.leaks !== null || options.logDbTime || options.serverTiming
     this.context = options.context
     this.contextRoles = options.contextRoles
+    this.pooler = options.pooler === 'transaction' ? new TransactionPooler() : null
   }
 
   /** Take a client for `holder`. Rejects with a typed 503 error: never waits past acquireTimeoutMs. */

@@ -293,7 +293,19 @@ export class Session implements ClientHolder, TransactionHost<Session>, DbSessio
       failSubmittable(sub, refused)
       return
     }
-    if (sql !== undefined && !this.dirty && changesSessionState(sql)) this.dirty = true
+    if (sql !== undefined && (!this.dirty || this.gate.pooler !== null) && changesSessionState(sql)) {
+      const pooled = this.gate.pooler
+      if (pooled === null) {
+        this.dirty = true
+      } else {
+        // A stream's text can't be rewritten: only what the pooler lets through as it is runs.
+        const sent = pooled.statement(sql, this.depth > 0 || this.transactionStatus(client) !== 'I')
+        if (sent !== sql) {
+          failSubmittable(sub, typeof sent === 'string' ? pooled.streamRefused() : sent)
+          return
+        }
+      }
+    }
     const open = this.openStreams ??= new Map()
     const activity = this.activity
     if (activity !== null) activity.statementStarted(sub)
@@ -366,9 +378,21 @@ export class Session implements ClientHolder, TransactionHost<Session>, DbSessio
         this.run(client, text, undefined, resolve, reject)
         return
       }
+      if (text.name !== undefined) {
+        const pooled = this.gate.pooler
+        if (pooled !== null) {
+          const unnamed = pooled.unnamed(text)
+          if (unnamed instanceof Error) {
+            reject(unnamed)
+            return
+          }
+          text = unnamed
+        } else {
+          this.namedStatements = true
+        }
+      }
       // pg takes { name } alone to run a statement already prepared on the connection.
       sql = text.text ?? ''
-      if (text.name !== undefined) this.namedStatements = true
     }
     if (this.guard !== null) {
       const refused = this.guard.refuse(sql)
@@ -377,7 +401,22 @@ export class Session implements ClientHolder, TransactionHost<Session>, DbSessio
         return
       }
     }
-    if (!this.dirty && changesSessionState(sql)) this.dirty = true
+    // Behind a transaction-mode pooler every statement is checked, not only a clean session's.
+    if ((!this.dirty || this.gate.pooler !== null) && changesSessionState(sql)) {
+      const pooled = this.gate.pooler
+      if (pooled === null) {
+        this.dirty = true
+      } else {
+        // What it lets through ends with the transaction: the connection to the pooler holds no
+        // server state, so it stays reusable (not dirty).
+        const sent = pooled.statement(sql, this.depth > 0 || this.transactionStatus(client) !== 'I')
+        if (typeof sent !== 'string') {
+          reject(sent)
+          return
+        }
+        if (sent !== sql) text = typeof text === 'string' ? sent : { ...text, text: sent }
+      }
+    }
     const kind = transactionStatement(sql)
     if (kind !== null) this.runTransactionStatement(client, kind, text, values, resolve, reject)
     else if (this.depth > 0) this.run(client, text, values, (result) => this.stillInTransaction(client, result, resolve, reject), reject)

@@ -311,3 +311,6 @@ async function within (promise, ms) {
     timer.abort()
   }
 }
+
+// For scripts/replica.mjs, which starts a second server (a standby) the same way.
+export { freePort, launch, makeRunDir, ownedFolder, stopProcess, waitUntilReady }

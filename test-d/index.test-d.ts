@@ -12,6 +12,7 @@ import requestDb, {
   type DbStats,
   FST_REQUEST_DB_ACQUIRE_TIMEOUT,
   type RequestDb,
+  type ReplicaStatus,
   type RequestDbOptions,
   requestDb as named
 } from '../dist/esm/index.js'
@@ -73,6 +74,21 @@ app.get('/', { config: { db: { transaction: true } } }, async (request) => {
   return rows
 })
 expectError(app.get('/', { config: { db: { transaction: 'yes' } } }, async () => 'x'))
+
+// Read replicas: a readOnly route, request.db.replica (query only), app.db.replicas, the options.
+app.get('/report', { config: { db: { readOnly: true } } }, async (request) => {
+  const { rows } = await request.db.replica.query<{ n: number }>('SELECT 1 AS n')
+  expectType<number>(rows[0].n)
+  expectError(request.db.replica.transaction)
+  return rows
+})
+expectError(app.get('/', { config: { db: { readOnly: 'yes' } } }, async () => 'x'))
+expectType<ReplicaStatus[]>(app.db.replicas)
+expectType<boolean>(app.db.replicas[0].usable)
+expectType<number | null>(app.db.replicas[0].lagMs)
+expectAssignable<RequestDbOptions>({ pooler: 'transaction', replicaUrls: ['postgres://r/app'], maxReplicaLagMs: 1000 })
+expectError(app.register(requestDb, { pooler: 'session' }))
+expectError(app.register(requestDb, { replicaUrls: 'postgres://r/app' }))
 
 // Error codes are typed constructors.
 const err = new FST_REQUEST_DB_ACQUIRE_TIMEOUT(100)

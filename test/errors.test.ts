@@ -14,7 +14,8 @@ const expected: Array<[keyof typeof errors, number, unknown[], RegExp]> = [
   ['FST_REQUEST_DB_COMMIT_FAILED', 500, ['deferred constraint'], /could not be committed: deferred constraint$/],
   ['FST_REQUEST_DB_CONTEXT_FAILED', 500, ['bad token'], /^The database context of this request could not be resolved: bad token$/],
   ['FST_REQUEST_DB_INVALID_CONTEXT', 500, ['role "x" is not in contextRoles'], /^Invalid database context: role "x" is not in contextRoles$/],
-  ['FST_REQUEST_DB_CONTEXT_STATEMENT', 500, ['it would change the role'], /^Statement refused in a request with a database context: it would change the role$/]
+  ['FST_REQUEST_DB_CONTEXT_STATEMENT', 500, ['it would change the role'], /^Statement refused in a request with a database context: it would change the role$/],
+  ['FST_REQUEST_DB_POOLER_REFUSED', 500, ['LISTEN: notifications never arrive'], /^Refused behind a transaction-mode pooler: LISTEN: notifications never arrive$/]
 ]
 
 t.test('every error code: name, code, message, status, instanceof', async (t) => {
