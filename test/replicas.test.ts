@@ -122,6 +122,34 @@ t.test('reads go where they should; read-your-writes; one lease per pool, given 
   t.ok(app.db.replicas[0].stats.total > 0, 'the replica pool was used')
 })
 
+t.test('a database context (row-level security) applies on the replica too: a readOnly route sees its tenant\'s rows only', async (t) => {
+  await writer.query(`CREATE ROLE replica_tenant NOLOGIN;
+    CREATE TABLE notes (tenant text NOT NULL, body text NOT NULL);
+    INSERT INTO notes VALUES ('a', 'a1'), ('a', 'a2'), ('b', 'b1');
+    GRANT SELECT ON notes TO replica_tenant;
+    ALTER TABLE notes ENABLE ROW LEVEL SECURITY, FORCE ROW LEVEL SECURITY;
+    CREATE POLICY by_tenant ON notes TO replica_tenant USING (tenant = current_setting('app.tenant', true))`)
+  t.teardown(() => writer.query('DROP TABLE notes; DROP ROLE replica_tenant'))
+  await waitFor(async () => (await replicaAdmin.query("SELECT count(*)::int AS n FROM notes").catch(() => ({ rows: [{ n: 0 }] }))).rows[0].n === 3, 10000, 'the rows to reach the replica')
+  const notes = 'SELECT pg_is_in_recovery() AS replica, current_user AS role, array_agg(body ORDER BY body) AS bodies FROM notes'
+  const app = await replicaApp(t, {
+    contextRoles: ['replica_tenant'],
+    context: (request) => ({ settings: { 'app.tenant': String(request.headers['x-tenant']) }, role: 'replica_tenant' })
+  }, (app) => {
+    app.get('/notes', { config: { db: { readOnly: true } } }, async (request) => (await request.db.query(notes)).rows[0])
+    app.get('/notes-replica-read', async (request) => (await request.db.replica.query(notes)).rows[0])
+  })
+  const a = (await app.inject({ url: '/notes', headers: { 'x-tenant': 'a' } })).json()
+  t.same(a, { replica: true, role: 'replica_tenant', bodies: ['a1', 'a2'] }, 'tenant a on the replica: its rows, as the context\'s role')
+  const b = (await app.inject({ url: '/notes', headers: { 'x-tenant': 'b' } })).json()
+  t.same(b, { replica: true, role: 'replica_tenant', bodies: ['b1'] }, 'tenant b on the replica: its row')
+  const viaReplicaRead = (await app.inject({ url: '/notes-replica-read', headers: { 'x-tenant': 'b' } })).json()
+  t.same(viaReplicaRead.bodies, ['b1'], `request.db.replica.query in a context request: still tenant b's row only (on the ${viaReplicaRead.replica ? 'replica' : 'primary'})`)
+  const many = await Promise.all(Array.from({ length: 40 }, (_, i) => app.inject({ url: i % 2 === 0 ? '/notes' : '/notes-replica-read', headers: { 'x-tenant': i % 3 === 0 ? 'a' : 'b' } })))
+  t.same(many.map((r) => r.json().bodies), many.map((_, i) => i % 3 === 0 ? ['a1', 'a2'] : ['b1']), '40 concurrent requests of both tenants: each sees its own rows')
+  t.equal(leased(app), 0, 'every lease given back')
+})
+
 t.test('a client that hangs up during a replica read: the statement is cancelled on the replica, every lease given back', async (t) => {
   const app = await replicaApp(t, { abortGraceMs: 20 }, (app) => {
     // request.db.replica's own lease, beside a primary lease that is never used.
