@@ -2,12 +2,9 @@
 // four server connections, so consecutive transactions of different requests (and of an outside
 // client) run on the same backend. A context set with set_config(…, true) and the role as
 // set_config('role', …, true) ends with its transaction, so nothing of one tenant reaches the next
-// transaction on that backend: a session-level SET would. No pooler mode of the plugin is needed
-// for this, and none is used.
-//
-// For the scale issue's pooler mode (built separately): extend this file. `startBouncer` and the
-// load (test/helpers/rls.ts: addTenantRoutes, runTenantLoad, storedFigures) are meant to be
-// reused: register the plugin with its pooler option in `appThrough` and the same checks apply.
+// transaction on that backend: a session-level SET would. The app runs with `pooler: 'transaction'`
+// as an app behind PgBouncer should (the context needs nothing more from it: it is transaction-local
+// either way); the load is test/helpers/rls.ts's, as in test/rls-load.test.ts.
 import pg from 'pg'
 import t from 'tap'
 import { startPgBouncer } from '../scripts/pgbouncer.mjs'
@@ -38,7 +35,7 @@ if (havePgBouncer(t, 'test/rls-pgbouncer.test.ts (row-level security through PgB
     const db = await createDatabase(t)
     const { role } = await createTenantSchema(db)
     await seedTenants(db, TENANTS)
-    const app = await buildApp(db, { connectionString: through(db), max: 20, abortGraceMs: 50, contextRoles: [role], context: tenantContext(role) })
+    const app = await buildApp(db, { connectionString: through(db), pooler: 'transaction', max: 20, abortGraceMs: 50, contextRoles: [role], context: tenantContext(role) })
     addTenantRoutes(app, TENANTS)
     const port = await listen(app)
 
