@@ -35,6 +35,23 @@ function freePort () {
 }
 
 /**
+ * `startOn(port)` on a free port, resolving to the port. A free port can be taken between
+ * freePort() and the server's bind (tap runs test files, and so their servers, in parallel): then
+ * another is tried, up to three.
+ */
+async function onFreePort (startOn) {
+  for (let attempt = 1; ; attempt++) {
+    const port = await freePort()
+    try {
+      await startOn(port)
+      return port
+    } catch (err) {
+      if (!err.addressInUse || attempt === 3) throw err
+    }
+  }
+}
+
+/**
  * Start a server on a free loopback port, its files in a new temporary folder (`request-db-pg-*`,
  * which test/example.test.ts looks for in `ps`).
  *
@@ -86,18 +103,7 @@ export async function startEmbeddedPostgres ({ maxConnections = 200, log = () =>
       server = launch(join(binDir, 'postgres' + EXE), serverArgs(port), { cwd: runDir, osUser, log })
       await waitUntilReady(server, { port, password, readyTimeoutMs })
     }
-    let port
-    // The free port can be taken between freePort() and the server's bind (tap runs test files,
-    // and so their servers, in parallel): then try another.
-    for (let attempt = 1; ; attempt++) {
-      port = await freePort()
-      try {
-        await startOn(port)
-        break
-      } catch (err) {
-        if (!err.addressInUse || attempt === 3) throw err
-      }
-    }
+    const port = await onFreePort(startOn)
 
     let stopped = false
     return {
@@ -313,4 +319,4 @@ async function within (promise, ms) {
 }
 
 // For scripts/replica.mjs, which starts a second server (a standby) the same way.
-export { freePort, launch, makeRunDir, ownedFolder, stopProcess, waitUntilReady }
+export { launch, makeRunDir, onFreePort, ownedFolder, stopProcess, waitUntilReady }

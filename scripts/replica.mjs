@@ -14,7 +14,7 @@ import { randomBytes } from 'node:crypto'
 import { chown, cp, mkdir, readdir, rm, writeFile, appendFile } from 'node:fs/promises'
 import { join } from 'node:path'
 import pg from 'pg'
-import { freePort, launch, makeRunDir, ownedFolder, stopProcess, waitUntilReady } from './embedded-postgres.mjs'
+import { launch, makeRunDir, onFreePort, ownedFolder, stopProcess, waitUntilReady } from './embedded-postgres.mjs'
 
 const HOST = '127.0.0.1'
 const EXE = process.platform === 'win32' ? '.exe' : ''
@@ -77,20 +77,11 @@ export async function startReplica (primary, { log = () => {}, readyTimeoutMs = 
       '-c', 'fsync=off', '-c', 'full_page_writes=off',
       // Replies to the primary often, so its view of the standby (pg_stat_replication) stays fresh.
       '-c', 'wal_receiver_status_interval=1s', '-c', 'hot_standby_feedback=on']
-    let port
     const startOn = async (onPort) => {
       server = launch(join(binDir, 'postgres' + EXE), args(onPort), { cwd: runDir, osUser, log })
       await waitUntilReady(server, { port: onPort, password: primary.password, readyTimeoutMs })
     }
-    for (let attempt = 1; ; attempt++) {
-      port = await freePort()
-      try {
-        await startOn(port)
-        break
-      } catch (err) {
-        if (!err.addressInUse || attempt === 3) throw err
-      }
-    }
+    const port = await onFreePort(startOn)
     await admin.end()
 
     const url = new URL(primary.url)
