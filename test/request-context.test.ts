@@ -8,6 +8,8 @@ import t from 'tap'
 import type { DbContext, DbContextFunction, RequestDbOptions } from '../lib/index.js'
 import requestKysely from '../lib/integrations/kysely.js'
 import { buildApp, countingPool, createDatabase, type TestDatabase, waitFor } from './helpers/db.js'
+import { ndjson } from './helpers/streams.js'
+import { pipeline } from 'node:stream'
 import { createTenantSchema } from './helpers/rls.js'
 
 const db = await createDatabase(t)
@@ -306,6 +308,25 @@ t.test('transaction(), savepoints, a first-use transaction(), streams and Kysely
   t.match(first, { inner: { who: role, tenant: 'a' }, after: { who: role, tenant: 'a', in_tx: true } }, 'transaction() as the first use')
   t.same((await app.inject({ url: '/stream', headers: { 'x-tenant': 'a' } })).json(), [{ body: 'a-1' }, { body: 'a-2' }], 'a stream')
   t.same((await app.inject({ url: '/kysely', headers: { 'x-tenant': 'b' } })).json(), { rows: [{ body: 'b-1' }], inTx: ['b'] }, 'Kysely, and its transaction() as a savepoint')
+  await settled(t, app)
+})
+
+t.test('a streamed reply on a context route: the tenant’s rows, committed at the stream’s end', async (t) => {
+  const app = await contextApp()
+  app.get('/export', (request, reply) => {
+    reply.type('application/x-ndjson').send(pipeline(request.db.query(new QueryStream(
+      "SELECT tenant, body, current_setting('app.tenant_id') AS setting FROM notes ORDER BY body")), ndjson(), () => {}))
+  })
+  app.post('/export-write', (request, reply) => {
+    reply.send(pipeline(request.db.query(new QueryStream(
+      "INSERT INTO notes (tenant, body) VALUES ('b', 'streamed-write') RETURNING tenant")), ndjson(), () => {}))
+  })
+  const res = await app.inject({ url: '/export', headers: { 'x-tenant': 'a' } })
+  const rows = res.body.trim().split('\n').map((line) => JSON.parse(line))
+  t.same(rows, [{ tenant: 'a', body: 'a-1', setting: 'a' }, { tenant: 'a', body: 'a-2', setting: 'a' }])
+  t.equal((await app.inject({ method: 'POST', url: '/export-write', headers: { 'x-tenant': 'b' } })).statusCode, 200)
+  t.equal((await db.admin.query("SELECT count(*)::int AS n FROM notes WHERE body = 'streamed-write'")).rows[0].n, 1, 'committed when the stream ended')
+  await db.admin.query("DELETE FROM notes WHERE body = 'streamed-write'")
   await settled(t, app)
 })
 
