@@ -363,6 +363,9 @@ t.test('app.db: no context, or app.db.withContext(context, fn)', async (t) => {
     return { who, bodies, nested, refused }
   })
   t.match(inside, { who: { who: role, tenant: 'b', in_tx: true }, bodies: ['b-1'], nested: 'b', refused: 'FST_REQUEST_DB_CONTEXT_STATEMENT' })
+  const unicode = await app.db.withContext({ settings: { 'app.tenant_id': 'b', 'app.display_name': 'Zoë 🚀 ü', 'app.empty': '' } },
+    async (tx) => (await tx.query("SELECT current_setting('app.display_name') AS name, current_setting('app.empty') AS empty")).rows[0])
+  t.same(unicode, { name: 'Zoë 🚀 ü', empty: '' }, 'multi-byte and empty values arrive as sent')
   await t.rejects(app.db.withContext({ settings: { 'app.tenant_id': 'b' }, role }, async (tx) => {
     await tx.query("INSERT INTO notes (tenant, body) VALUES ('b', 'rolled-back')")
     throw new Error('undo')
