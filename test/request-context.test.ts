@@ -8,6 +8,8 @@ import t from 'tap'
 import type { DbContext, DbContextFunction, RequestDbOptions } from '../lib/index.js'
 import requestKysely from '../lib/integrations/kysely.js'
 import { buildApp, countingPool, createDatabase, type TestDatabase, waitFor } from './helpers/db.js'
+import { ndjson } from './helpers/streams.js'
+import { pipeline } from 'node:stream'
 import { createTenantSchema } from './helpers/rls.js'
 
 const db = await createDatabase(t)
@@ -309,6 +311,25 @@ t.test('transaction(), savepoints, a first-use transaction(), streams and Kysely
   await settled(t, app)
 })
 
+t.test('a streamed reply on a context route: the tenant’s rows, committed at the stream’s end', async (t) => {
+  const app = await contextApp()
+  app.get('/export', (request, reply) => {
+    reply.type('application/x-ndjson').send(pipeline(request.db.query(new QueryStream(
+      "SELECT tenant, body, current_setting('app.tenant_id') AS setting FROM notes ORDER BY body")), ndjson(), () => {}))
+  })
+  app.post('/export-write', (request, reply) => {
+    reply.send(pipeline(request.db.query(new QueryStream(
+      "INSERT INTO notes (tenant, body) VALUES ('b', 'streamed-write') RETURNING tenant")), ndjson(), () => {}))
+  })
+  const res = await app.inject({ url: '/export', headers: { 'x-tenant': 'a' } })
+  const rows = res.body.trim().split('\n').map((line) => JSON.parse(line))
+  t.same(rows, [{ tenant: 'a', body: 'a-1', setting: 'a' }, { tenant: 'a', body: 'a-2', setting: 'a' }])
+  t.equal((await app.inject({ method: 'POST', url: '/export-write', headers: { 'x-tenant': 'b' } })).statusCode, 200)
+  t.equal((await db.admin.query("SELECT count(*)::int AS n FROM notes WHERE body = 'streamed-write'")).rows[0].n, 1, 'committed when the stream ended')
+  await db.admin.query("DELETE FROM notes WHERE body = 'streamed-write'")
+  await settled(t, app)
+})
+
 t.test('a role the database refuses: a typed error, nothing else runs, the client goes back', async (t) => {
   const app = await buildApp(db, { contextRoles: ['no_such_role_17'], context: () => ({ settings: { 'app.tenant_id': 'a' }, role: 'no_such_role_17' }) })
   let second: unknown = null
@@ -342,6 +363,9 @@ t.test('app.db: no context, or app.db.withContext(context, fn)', async (t) => {
     return { who, bodies, nested, refused }
   })
   t.match(inside, { who: { who: role, tenant: 'b', in_tx: true }, bodies: ['b-1'], nested: 'b', refused: 'FST_REQUEST_DB_CONTEXT_STATEMENT' })
+  const unicode = await app.db.withContext({ settings: { 'app.tenant_id': 'b', 'app.display_name': 'Zoë 🚀 ü', 'app.empty': '' } },
+    async (tx) => (await tx.query("SELECT current_setting('app.display_name') AS name, current_setting('app.empty') AS empty")).rows[0])
+  t.same(unicode, { name: 'Zoë 🚀 ü', empty: '' }, 'multi-byte and empty values arrive as sent')
   await t.rejects(app.db.withContext({ settings: { 'app.tenant_id': 'b' }, role }, async (tx) => {
     await tx.query("INSERT INTO notes (tenant, body) VALUES ('b', 'rolled-back')")
     throw new Error('undo')
