@@ -393,19 +393,18 @@ export class Lease extends Session implements RequestDb {
 
   /** A synchronous context function goes on at once: no promise, no tick. */
   private resolveContext (fn: unknown, scope: AsyncResource): void {
-    let context: AppliedContext | null
+    let result: unknown
     try {
-      const result = callContext(fn, this.request, this.gate.redact)
-      if (isThenable(result)) {
-        result.then((value) => this.checkThenTake(value, scope), (err: unknown) => this.contextRejected(contextFailed(err, this.gate.redact)))
-        return
-      }
-      context = checkContext(result, this.gate.contextRoles)
+      result = callContext(fn, this.request, this.gate.redact)
     } catch (err) {
       this.contextRejected(err as Error)
       return
     }
-    this.contextResolved(context, scope)
+    if (isThenable(result)) {
+      result.then((value) => this.checkThenTake(value, scope), (err: unknown) => this.contextRejected(contextFailed(err, this.gate.redact)))
+      return
+    }
+    this.checkThenTake(result, scope)
   }
 
   private checkThenTake (value: unknown, scope: AsyncResource): void {
