@@ -3,6 +3,7 @@ import type { FastifyBaseLogger, FastifyReply, FastifyRequest } from 'fastify'
 import { pipeline, type Readable, Transform } from 'node:stream'
 import type { PoolClient, QueryConfig, QueryResult } from 'pg'
 import { promised, type Taken } from './checkout.js'
+import { isMissingStatement } from './context-statement.js'
 import { FST_REQUEST_DB_CLOSING, FST_REQUEST_DB_COMMIT_FAILED, FST_REQUEST_DB_CONTEXT_STATEMENT, FST_REQUEST_DB_RELEASED } from './errors.js'
 import { LeaseActivity } from './observability/lease-activity.js'
 import type { ClientGate } from './pool.js'
@@ -463,20 +464,30 @@ export class Lease extends Session implements RequestDb {
       }, { once: true })
     }
     const context = this.context
-    if (context !== null && context !== undefined) this.begin(client as PoolClient, context.begin(), true)
-    else if ((route.config as { db?: RouteDbConfig }).db?.transaction === true) this.begin(client as PoolClient, OWN.BEGIN, false)
+    if (context !== null && context !== undefined) this.begin(client as PoolClient, context, false)
+    else if ((route.config as { db?: RouteDbConfig }).db?.transaction === true) this.begin(client as PoolClient, null, false)
     else this.answerWaiters(null, client)
   }
 
-  /** The route's transaction: BEGIN, and the request's database context in the same round trip. */
-  private begin (client: PoolClient, statement: QueryConfig, withContext: boolean): void {
-    this.dispatch(client, statement, undefined, () => {
+  /**
+   * The route's transaction: BEGIN, and the request's database context in the same round trip.
+   * `again`: the context's prepared statements were found missing on the connection, and this is
+   * the second try, which parses them anew.
+   */
+  private begin (client: PoolClient, context: AppliedContext | null, again: boolean): void {
+    this.dispatch(client, context === null ? OWN.BEGIN : context.begin(this.gate.pooler === null), undefined, () => {
       this.txDepth = 1
       this.routeTxOpen = true
       this.answerWaiters(null, client)
     }, (beginError) => {
-      if (!withContext || this.broken) {
+      if (context === null || this.broken) {
         this.answerWaiters(beginError)
+        return
+      }
+      if (!again && isMissingStatement(beginError)) {
+        // Dropped from the connection from outside a request (DEALLOCATE ALL, DISCARD ALL): roll
+        // back what ran of the batch (BEGIN may have), then send it again.
+        this.dispatch(client, OWN.ROLLBACK, undefined, () => this.begin(client, context, true), (err) => this.answerWaiters(err))
         return
       }
       // The server refused the context (a role that does not exist, say): its transaction is

@@ -3,20 +3,19 @@
  * (`current_setting('app.tenant_id')`) and the role they apply to, applied as the first thing in
  * the request's transaction, transaction-local, so nothing of it outlives the transaction.
  *
- * The statement is `SELECT set_config($1, $2, true), …, set_config('role', $n, true)`: every name
+ * The statement calls `set_config($1, $2, true)`, …, `set_config('role', $n, true)`: every name
  * and value a bound parameter (`set_config('role', r, true)` is what `SET LOCAL ROLE r` does, and
- * a role name sent as a value needs no quoting). It goes out in the same round trip as its BEGIN:
- * pg sends one statement and waits for its ReadyForQuery before the next, so BEGIN is written as an
- * extended-protocol Parse/Bind/Execute in front of the SELECT's, under the SELECT's one Sync. A
- * context route costs what a plain route transaction costs: BEGIN (with the context), statements,
- * COMMIT.
+ * a role name sent as a value needs no quoting). It goes out in the same round trip as its BEGIN,
+ * both prepared once per connection (`context-statement.ts`). A context route costs what a plain
+ * route transaction costs: BEGIN (with the context), statements, COMMIT.
  *
  * In a request with a context, statements that would change that identity are refused before they
  * are sent (`StatementGuard`): `SET ROLE`, `RESET ROLE`, `SET SESSION AUTHORIZATION`, `RESET ALL`,
  * `set_config('role', …)`, and `SET`/`RESET`/`set_config` of one of the context's own settings.
  */
 import type { FastifyRequest } from 'fastify'
-import pg, { type PoolClient, type QueryConfig } from 'pg'
+import type { PoolClient, QueryConfig } from 'pg'
+import { BeginWithContext, type ContextShape, contextShape, isMissingStatement } from './context-statement.js'
 import { FST_REQUEST_DB_CONTEXT_FAILED, FST_REQUEST_DB_CONTEXT_STATEMENT, FST_REQUEST_DB_INVALID_CONTEXT } from './errors.js'
 import type { ClientGate } from './pool.js'
 import { markOwn, OWN, Session, type StatementGuard } from './session.js'
@@ -98,11 +97,8 @@ export function checkContext (value: unknown, roles: ReadonlySet<string>): Appli
   if (settings !== undefined && settings !== null) {
     if (typeof settings !== 'object' || Array.isArray(settings)) throw invalid(`settings must be an object of name: value, got ${kind(settings)}`)
     for (const name of Object.keys(settings)) {
-      if (!SETTING_NAME.test(name) || name.length > 200) {
-        throw invalid(`setting name ${JSON.stringify(name.slice(0, 64))} is not a custom setting name (prefix.name, e.g. app.tenant_id)`)
-      }
       // Setting names are case-insensitive: two spellings of one would race.
-      const lower = name.toLowerCase()
+      const lower = settingKey(name)
       if (names.has(lower)) throw invalid(`setting ${name} is given twice`)
       names.add(lower)
       values.push(name, settingValue(name, (settings as Record<string, unknown>)[name]))
@@ -118,6 +114,22 @@ export function checkContext (value: unknown, roles: ReadonlySet<string>): Appli
     hasRole = true
   }
   return new AppliedContext(values, names, hasRole)
+}
+
+// Names already checked, with their lower-cased spelling: an app's context uses a few fixed names,
+// checked once rather than on every request. (Bounded, should names be made up per request.)
+const checkedNames = new Map<string, string>()
+
+function settingKey (name: string): string {
+  let key = checkedNames.get(name)
+  if (key === undefined) {
+    if (!SETTING_NAME.test(name) || name.length > 200) {
+      throw invalid(`setting name ${JSON.stringify(name.slice(0, 64))} is not a custom setting name (prefix.name, e.g. app.tenant_id)`)
+    }
+    key = name.toLowerCase()
+    if (checkedNames.size < 1024) checkedNames.set(name, key)
+  }
+  return key
 }
 
 function settingValue (name: string, value: unknown): string {
@@ -141,21 +153,6 @@ function kind (value: unknown): string {
   return typeof value === 'object' ? 'an object' : `a ${typeof value}`
 }
 
-// The statement's text depends only on how many settings there are and whether a role is set.
-const texts = new Map<number, string>()
-function statementText (settings: number, hasRole: boolean): string {
-  const key = settings * 2 + (hasRole ? 1 : 0)
-  let text = texts.get(key)
-  if (text === undefined) {
-    const calls: string[] = []
-    for (let i = 0; i < settings; i++) calls.push(`set_config($${2 * i + 1}, $${2 * i + 2}, true)`)
-    if (hasRole) calls.push(`set_config('role', $${2 * settings + 1}, true)`)
-    text = `SELECT ${calls.join(', ')}`
-    texts.set(key, text)
-  }
-  return text
-}
-
 // Where a statement starts: the text's start, a `;`, or a PL/pgSQL block's keywords (a DO block's
 // `BEGIN SET ROLE …`); then blanks and comments.
 const START = String.raw`(?:^|;|\$[A-Za-z_]*\$|\b(?:begin|then|else|loop)\b)(?:\s|--[^\n]*(?:\n|$)|/\*[\s\S]*?\*/)*`
@@ -176,18 +173,22 @@ export class AppliedContext implements StatementGuard {
   /** Lower-cased names of the context's settings. */
   readonly names: ReadonlySet<string>
   private readonly values: string[]
-  private readonly text: string | null
+  private readonly shape: ContextShape | null
 
   constructor (values: string[], names: ReadonlySet<string>, hasRole: boolean) {
     this.values = values
     this.names = names
-    this.text = values.length === 0 ? null : statementText(names.size, hasRole)
+    this.shape = values.length === 0 ? null : contextShape(names.size, hasRole)
   }
 
-  /** BEGIN and the context, in one round trip (a new statement object each time: pg's are single-use). */
-  begin (): QueryConfig {
-    if (this.text === null) return OWN.BEGIN
-    return markOwn(new BeginWithContext(this.text, this.values) as unknown as QueryConfig)
+  /**
+   * BEGIN and the context, in one round trip (a new statement object each time: pg's are
+   * single-use); `prepared`: both statements prepared on the connection (not behind a transaction
+   * pooler).
+   */
+  begin (prepared: boolean): QueryConfig {
+    if (this.shape === null) return OWN.BEGIN
+    return markOwn(new BeginWithContext(this.shape, this.values, prepared) as unknown as QueryConfig)
   }
 
   refuse (sql: string): Error | null {
@@ -218,128 +219,6 @@ export class Refusal implements StatementGuard {
   }
 }
 
-/** The slice of pg's Connection the statement is written to. */
-interface PgConnection {
-  _send (buffer: Buffer): boolean
-}
-interface PgQueryInternals {
-  submit (connection: PgConnection): Error | null
-  handleCommandComplete (message: unknown, connection: PgConnection): void
-  handleRowDescription (message: unknown): void
-  handleDataRow (message: unknown): void
-}
-const PgQuery = pg.Query as unknown as new (config: QueryConfig) => PgQueryInternals
-
-/**
- * pg's Query for BEGIN and the context's SELECT, written as one buffer of extended-protocol
- * messages with one Sync at the end, so the server answers both with one ReadyForQuery: one round
- * trip, and one write. pg sends a statement at a time and waits for its ReadyForQuery before the
- * next, so two queries (or pg's own `Query` for the SELECT after a BEGIN) would be two.
- *
- *   Parse(BEGIN) Bind Execute · Parse(SELECT set_config…) Bind($1…$n) Execute · Sync
- *
- * No Describe: the SELECT's row is not read, so the server sends no RowDescription and pg parses
- * no row (the benchmark showed both). Had BEGIN failed, the server would skip to the Sync, and the
- * error is this query's; so is a failed set_config (a role that does not exist).
- */
-class BeginWithContext extends PgQuery {
-  private readonly values: readonly string[]
-  private begun = false
-
-  constructor (text: string, values: readonly string[]) {
-    super({ text })
-    this.values = values
-  }
-
-  override submit (connection: PgConnection): Error | null {
-    const sent = connection._send(contextMessages(parseMessage((this as unknown as { text: string }).text), this.values))
-    // false is backpressure (the bytes are queued), or a stream that is no longer writable.
-    return sent || (connection as { stream?: { writable?: boolean } }).stream?.writable !== false ? null : new Error('Connection is not writable')
-  }
-
-  override handleCommandComplete (message: unknown, connection: PgConnection): void {
-    // BEGIN's: the result is the SELECT's.
-    if (!this.begun) {
-      this.begun = true
-      return
-    }
-    super.handleCommandComplete(message, connection)
-  }
-
-  override handleRowDescription (): void {}
-  override handleDataRow (): void {}
-}
-
-// The messages, as the protocol defines them (https://www.postgresql.org/docs/current/protocol-message-formats.html):
-// a type byte, an Int32 length that counts itself, the body. Strings are NUL-terminated UTF-8.
-function message (type: string, body: Buffer): Buffer {
-  const head = Buffer.allocUnsafe(5)
-  head.write(type, 0, 'latin1')
-  head.writeInt32BE(body.length + 4, 1)
-  return Buffer.concat([head, body])
-}
-
-function cString (text: string): Buffer {
-  return Buffer.from(`${text}\0`, 'utf8')
-}
-
-const int16 = (n: number): Buffer => { const b = Buffer.allocUnsafe(2); b.writeInt16BE(n, 0); return b }
-const int32 = (n: number): Buffer => { const b = Buffer.allocUnsafe(4); b.writeInt32BE(n, 0); return b }
-
-// Parse: the unnamed statement, its text, no parameter types given (the server infers text).
-const parsed = new Map<string, Buffer>()
-function parseMessage (text: string): Buffer {
-  let buffer = parsed.get(text)
-  if (buffer === undefined) {
-    buffer = message('P', Buffer.concat([cString(''), cString(text), int16(0)]))
-    parsed.set(text, buffer)
-  }
-  return buffer
-}
-
-// Bind: the unnamed portal to the unnamed statement, every parameter in text format (no format
-// codes given), each as its length and its UTF-8 bytes; results in text format.
-function bindMessage (values: readonly string[]): Buffer {
-  const parts: Buffer[] = [cString(''), cString(''), int16(0), int16(values.length)]
-  for (const value of values) {
-    const bytes = Buffer.from(value, 'utf8')
-    parts.push(int32(bytes.length), bytes)
-  }
-  parts.push(int16(0))
-  return message('B', Buffer.concat(parts))
-}
-
-/**
- * The whole batch in one buffer, allocated once: BEGIN's messages and the SELECT's Parse are
- * prebuilt, the Bind is written in place (the benchmark counted the small buffers a Bind built
- * from parts costs).
- */
-function contextMessages (parse: Buffer, values: readonly string[]): Buffer {
-  // Bind: type, length, portal '\0', statement '\0', 0 format codes, n values, (length, bytes)…, 0 result formats.
-  let bindLength = 4 + 1 + 1 + 2 + 2 + 2
-  for (const value of values) bindLength += 4 + Buffer.byteLength(value, 'utf8')
-  const buffer = Buffer.allocUnsafe(BEGIN_MESSAGES.length + parse.length + 1 + bindLength + EXECUTE_SYNC.length)
-  let at = BEGIN_MESSAGES.copy(buffer, 0)
-  at += parse.copy(buffer, at)
-  buffer[at++] = 0x42 // 'B'
-  at = buffer.writeInt32BE(bindLength, at)
-  buffer[at++] = 0
-  buffer[at++] = 0
-  at = buffer.writeInt16BE(0, at)
-  at = buffer.writeInt16BE(values.length, at)
-  for (const value of values) {
-    const length = buffer.write(value, at + 4, 'utf8')
-    at = buffer.writeInt32BE(length, at) + length
-  }
-  at = buffer.writeInt16BE(0, at)
-  EXECUTE_SYNC.copy(buffer, at)
-  return buffer
-}
-
-// Execute: the unnamed portal, all rows. Sync: end of the batch.
-const EXECUTE_SYNC = Buffer.concat([message('E', Buffer.concat([cString(''), int32(0)])), message('S', Buffer.alloc(0))])
-const BEGIN_MESSAGES = Buffer.concat([parseMessage('BEGIN'), bindMessage([]), message('E', Buffer.concat([cString(''), int32(0)]))])
-
 /**
  * `app.db.withContext(context, fn)`: a session whose transaction opens with the context applied,
  * and whose statements the context's guard checks.
@@ -355,8 +234,18 @@ export class ContextSession extends Session {
 
   override async control (sql: string): Promise<void> {
     if (sql !== 'BEGIN' || this.txDepth !== 0) return super.control(sql)
+    const client = this.current as PoolClient
+    const prepared = this.gate.pooler === null
     try {
-      await this.send(this.current as PoolClient, this.context.begin())
+      try {
+        await this.send(client, this.context.begin(prepared))
+      } catch (err) {
+        if (!isMissingStatement(err) || this.broken) throw err
+        // Its prepared statements were dropped from the connection (context-statement.ts): roll
+        // back what ran of the batch and send it again, parsed anew.
+        await this.send(client, OWN.ROLLBACK)
+        await this.send(client, this.context.begin(prepared))
+      }
     } catch (err) {
       if (this.broken) throw err
       // As in a request (Lease.begin): pg's transaction status may not show the aborted BEGIN yet.

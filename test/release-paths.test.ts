@@ -127,6 +127,24 @@ t.test('session state does not leak into a later request on the same connection'
   t.equal(baseline.role, 'postgres')
 })
 
+t.test('DEALLOCATE in a request: its connection is not reused, so no prepared statement is looked for where it is gone', async (t) => {
+  const db = await createDatabase(t)
+  const app = await buildApp(db, { max: 1 })
+  // pg prepares a named statement once per connection and from then on sends only its Bind.
+  app.get('/named', async (request) => (await request.db.query({ name: 'request_db_named', text: 'SELECT pg_backend_pid() AS pid' })).rows[0])
+  app.post('/deallocate', async (request) => {
+    await request.db.query('DEALLOCATE ALL')
+    return 'dropped'
+  })
+  const before = await app.inject('/named')
+  t.equal(before.statusCode, 200)
+  t.equal((await app.inject({ method: 'POST', url: '/deallocate' })).body, 'dropped')
+  await waitFor(() => app.db.stats().leased === 0, 2000, 'release')
+  const after = await app.inject('/named')
+  t.equal(after.statusCode, 200, `the named statement runs again (${after.body})`)
+  t.not(after.json().pid, before.json().pid, 'on a new connection')
+})
+
 t.test('a request that changed nothing costs no extra statement: its connection is reused as is', async (t) => {
   const db = await createDatabase(t)
   const app = await buildApp(db, { max: 1 })

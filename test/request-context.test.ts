@@ -79,6 +79,58 @@ t.test('one round trip for BEGIN and the context: as many as a plain route trans
   await settled(t, app)
 })
 
+t.test('BEGIN and the context are prepared once per connection; dropped from outside the plugin, they are prepared again', async (t) => {
+  // One connection: the pool's direct users (DEALLOCATE ALL, DISCARD ALL) run on the connection the
+  // plugin prepared its statements on, out of the session-state check's sight.
+  const pool = new pg.Pool({ connectionString: db.url, max: 1 })
+  t.teardown(() => pool.end())
+  const PREPARED = "SELECT coalesce(array_agg(name ORDER BY name), '{}') AS names FROM pg_prepared_statements WHERE name LIKE 'fastify_request_db%'"
+  const app = await contextApp({ pool })
+  app.get('/who', async (request) => {
+    const who = (await request.db.query(WHO)).rows[0]
+    const { names } = (await request.db.query(PREPARED)).rows[0]
+    const { pid } = (await request.db.query('SELECT pg_backend_pid() AS pid')).rows[0]
+    return { ...who, names, pid }
+  })
+  const ask = async (tenant: string): Promise<Record<string, unknown>> => {
+    const res = await app.inject({ url: '/who', headers: { 'x-tenant': tenant } })
+    t.equal(res.statusCode, 200, `tenant ${tenant}: answered`)
+    return res.json()
+  }
+  const names = ['fastify_request_db_begin', 'fastify_request_db_context_2_role']
+  const first = await ask('a')
+  t.match(first, { who: role, tenant: 'a', user_id: '7', in_tx: true, names }, 'prepared on first use')
+  const second = await ask('b')
+  t.match(second, { who: role, tenant: 'b', in_tx: true, names, pid: first.pid }, 'the same two statements, bound again, on the same connection')
+  await settled(t, app)
+
+  await pool.query('DEALLOCATE ALL')
+  const afterDeallocate = await ask('a')
+  t.match(afterDeallocate, { who: role, tenant: 'a', in_tx: true, names, pid: first.pid }, 'after DEALLOCATE ALL: rolled back, prepared again, on the same connection')
+  await settled(t, app)
+
+  await pool.query('DISCARD ALL')
+  const inside = await app.db.withContext({ settings: { 'app.tenant_id': 'b' }, role }, async (tx) => ({ ...(await tx.query(WHO)).rows[0], ...(await tx.query(PREPARED)).rows[0] }))
+  t.match(inside, { who: role, tenant: 'b', in_tx: true, names: ['fastify_request_db_begin', 'fastify_request_db_context_1_role'] }, 'app.db.withContext after DISCARD ALL: the same')
+  t.same((await ask('b')).names, [...names.slice(0, 1), 'fastify_request_db_context_1_role', names[1]], 'one statement per shape (settings, role)')
+  await settled(t, app)
+  t.equal((await pool.query(WHO)).rows[0].tenant || '', '', 'nothing left on the connection')
+})
+
+t.test("behind a transaction pooler (pooler: 'transaction'): nothing prepared, the context applied all the same", async (t) => {
+  const pool = new pg.Pool({ connectionString: db.url, max: 1 })
+  t.teardown(() => pool.end())
+  const app = await contextApp({ pool, pooler: 'transaction' })
+  app.get('/who', async (request) => ({
+    ...(await request.db.query(WHO)).rows[0],
+    prepared: (await request.db.query('SELECT count(*)::int AS n FROM pg_prepared_statements')).rows[0].n
+  }))
+  for (const tenant of ['a', 'b']) {
+    t.match((await app.inject({ url: '/who', headers: { 'x-tenant': tenant } })).json(), { who: role, tenant, in_tx: true, prepared: 0 }, `tenant ${tenant}`)
+  }
+  await settled(t, app)
+})
+
 t.test('nothing outlives the request: the next request on the connection has no role and no settings', async (t) => {
   const app = await contextApp({ max: 1 })
   app.get('/who', async (request) => ({ ...(await request.db.query(WHO)).rows[0], pid: (await request.db.query('SELECT pg_backend_pid() AS pid')).rows[0].pid }))
