@@ -49,7 +49,8 @@ t.test('the classifier: refused outside a transaction, SET made LOCAL inside one
     'CREATE TEMP TABLE scratch (id int)',
     'DECLARE c CURSOR WITH HOLD FOR SELECT 1',
     "LOAD 'auto_explain'",
-    'DISCARD ALL'
+    'DISCARD ALL',
+    'DEALLOCATE ALL'
   ]
   for (const sql of refusedBoth) {
     for (const inTx of [false, true]) {
