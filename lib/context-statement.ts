@@ -1,26 +1,28 @@
 /**
  * BEGIN and a request's database context on the wire: one write, one round trip, and on a direct
- * connection two statements prepared once per connection, so the server neither parses nor plans
- * them again for every request.
+ * connection the context's statement prepared once per connection, so the server neither parses
+ * nor plans it again for every request.
  *
  * pg sends one statement at a time and waits for its ReadyForQuery before the next, so BEGIN and
  * the context's SELECT as two queries would be two round trips. This is one query to pg (a
  * "submittable", as pg-cursor is) that writes extended-protocol messages for both under one Sync:
  *
- *   first time on a connection:  Parse(begin) Parse(context) · Bind Execute · Bind($1…$n) Execute · Sync
- *   after that:                  Bind Execute · Bind($1…$n) Execute · Sync
+ *   first time on a connection:  Parse Bind Execute (BEGIN) · Parse(name) Bind($1…$n) Execute · Sync
+ *   after that:                  Parse Bind Execute (BEGIN) · Bind(name, $1…$n) Execute · Sync
  *   behind a transaction pooler: Parse Bind Execute (BEGIN) · Parse Bind($1…$n) Execute · Sync, all unnamed
  *
- * The server spent 85 µs of CPU per transaction with both statements unnamed (parsed, analysed
- * and planned each time) against 49 µs with both prepared, a plain route transaction 38 µs
+ * The server spent 85 µs of CPU per transaction with the context's statement unnamed (parsed,
+ * analysed and planned each time) against 49 µs with it prepared, a plain route transaction 38 µs
  * (`npm run bench:server`, bench/README.md). A pooler in transaction mode hands the next
- * transaction to another server connection, where a prepared statement does not exist: there
- * they stay unnamed.
+ * transaction to another server connection, where a prepared statement does not exist: there it
+ * stays unnamed.
  *
- * Both Parses come first: whatever fails later in the batch, the statements it parsed exist. A
- * statement that vanished (`DEALLOCATE ALL` or `DISCARD ALL` run on the connection from outside a
- * request, where the session-state check does not see it) fails the batch with SQLSTATE 26000;
- * `isMissingStatement` tells the caller to roll back and send it again, parsed anew.
+ * BEGIN goes first, unnamed (its Parse can't fail): whatever fails after it leaves an aborted
+ * transaction, so a statement pg had queued behind the batch fails too and never runs without the
+ * context. The context's statement may have vanished (`DEALLOCATE ALL` or `DISCARD ALL` run on the
+ * connection from outside a request, where the session-state check does not see it: SQLSTATE
+ * 26000) or exist where this connection's memory says it does not (42P05): `isStaleStatement`
+ * tells the caller to roll back and send the batch again, the memory now right.
  */
 import type { QueryResult } from 'pg'
 
@@ -32,7 +34,8 @@ interface PgConnection {
 }
 
 /** The names this plugin prepared on a connection (its own, never pg's `parsedStatements`). */
-const kPrepared = Symbol('fastify-request-db.prepared')
+// Symbol.for: the ESM and CommonJS builds, both loaded and sharing a pool, share the memory too.
+const kPrepared = Symbol.for('fastify-request-db.prepared')
 
 // The messages, as the protocol defines them (https://www.postgresql.org/docs/current/protocol-message-formats.html):
 // a type byte, an Int32 length that counts itself, the body. Strings are NUL-terminated UTF-8.
@@ -58,11 +61,10 @@ const bindNone = (name: string): Buffer => message('B', Buffer.concat([cString('
 // Execute: the unnamed portal, all rows. Sync: end of the batch.
 const EXECUTE = message('E', Buffer.concat([cString(''), int32(0)]))
 const SYNC = message('S', Buffer.alloc(0))
+// The unnamed statement's name in a Bind.
+const UNNAMED = cString('')
 
-const BEGIN_NAME = 'fastify_request_db_begin'
-const PARSE_BEGIN = parse(BEGIN_NAME, 'BEGIN')
-const BEGIN_PREPARED = Buffer.concat([bindNone(BEGIN_NAME), EXECUTE])
-const BEGIN_UNNAMED = Buffer.concat([parse('', 'BEGIN'), bindNone(''), EXECUTE])
+const BEGIN = Buffer.concat([parse('', 'BEGIN'), bindNone(''), EXECUTE])
 
 /**
  * The statement that applies a context of one shape (how many settings, whether a role): the
@@ -124,8 +126,6 @@ export class BeginWithContext {
   private readonly shape: ContextShape
   private readonly values: readonly string[]
   private readonly prepare: boolean
-  /** The names this batch parses: they exist once it ran, whatever failed after them. */
-  private parsed: string[] | null = null
   private connection: PgConnection | null = null
 
   constructor (shape: ContextShape, values: readonly string[], prepare: boolean) {
@@ -137,44 +137,40 @@ export class BeginWithContext {
 
   submit (connection: PgConnection): Error | null {
     this.connection = connection
-    const sent = connection._send(this.prepare ? this.preparedBatch(connection) : this.unnamedBatch())
+    const shape = this.shape
+    let batch: Buffer
+    if (!this.prepare) {
+      batch = this.batch(shape.parseUnnamed, UNNAMED)
+    } else {
+      const prepared = connection[kPrepared] ??= new Set()
+      if (prepared.has(shape.name)) {
+        batch = this.batch(null, shape.nameBytes)
+      } else {
+        batch = this.batch(shape.parseNamed, shape.nameBytes)
+        // Remembered now, whatever the reply: an error after the Parse leaves the statement there.
+        // (Should the Parse itself fail, the next Bind meets 26000 and parses it again.)
+        prepared.add(shape.name)
+      }
+    }
+    const sent = connection._send(batch)
     // false is backpressure (the bytes are queued), or a stream that is no longer writable.
     return sent || connection.stream?.writable !== false ? null : new Error('Connection is not writable')
   }
 
-  private preparedBatch (connection: PgConnection): Buffer {
-    const prepared = connection[kPrepared] ??= new Set()
-    const shape = this.shape
-    const beginParsed = prepared.has(BEGIN_NAME)
-    const contextParsed = prepared.has(shape.name)
-    if (beginParsed && contextParsed) return this.batch(null, null, BEGIN_PREPARED, shape.nameBytes)
-    this.parsed = []
-    if (!beginParsed) this.parsed.push(BEGIN_NAME)
-    if (!contextParsed) this.parsed.push(shape.name)
-    return this.batch(beginParsed ? null : PARSE_BEGIN, contextParsed ? null : shape.parseNamed, BEGIN_PREPARED, shape.nameBytes)
-  }
-
-  private unnamedBatch (): Buffer {
-    return this.batch(null, this.shape.parseUnnamed, BEGIN_UNNAMED, UNNAMED, true)
-  }
-
   /**
    * The whole batch in one buffer, allocated once, the Bind written in place (the benchmark counted
-   * the small buffers a Bind built from parts costs). `contextParse` goes before the begin
-   * messages, unless `parseAfterBegin` (the unnamed statement: BEGIN's own Parse would replace it).
+   * the small buffers a Bind built from parts costs): BEGIN, the context's Parse if it needs one,
+   * its Bind to `statement` (a name with its NUL, or just the NUL), Execute, Sync.
    */
-  private batch (beginParse: Buffer | null, contextParse: Buffer | null, begin: Buffer, statement: Buffer, parseAfterBegin = false): Buffer {
+  private batch (contextParse: Buffer | null, statement: Buffer): Buffer {
     const values = this.values
     // Bind: type, length, portal '\0', statement name, 0 format codes, n values, (length, bytes)…, 0 result formats.
     let bindLength = 4 + 1 + statement.length + 2 + 2 + 2
     for (const value of values) bindLength += 4 + Buffer.byteLength(value, 'utf8')
-    const size = (beginParse?.length ?? 0) + (contextParse?.length ?? 0) + begin.length + 1 + bindLength + EXECUTE.length + SYNC.length
+    const size = BEGIN.length + (contextParse?.length ?? 0) + 1 + bindLength + EXECUTE.length + SYNC.length
     const buffer = Buffer.allocUnsafe(size)
-    let at = 0
-    if (beginParse !== null) at += beginParse.copy(buffer, at)
-    if (contextParse !== null && !parseAfterBegin) at += contextParse.copy(buffer, at)
-    at += begin.copy(buffer, at)
-    if (contextParse !== null && parseAfterBegin) at += contextParse.copy(buffer, at)
+    let at = BEGIN.copy(buffer, 0)
+    if (contextParse !== null) at += contextParse.copy(buffer, at)
     buffer[at++] = 0x42 // 'B'
     at = buffer.writeInt32BE(bindLength, at)
     buffer[at++] = 0
@@ -192,32 +188,19 @@ export class BeginWithContext {
   }
 
   handleReadyForQuery (): void {
-    this.remember()
     this.callback?.(null, RESULT)
   }
 
   handleError (err: Error): void {
-    // An error before the Sync (BEGIN's, a set_config's, a missing statement) arrives on its own;
-    // the ReadyForQuery that follows is no longer this query's. A broken connection arrives here too.
-    if (isMissingStatement(err)) {
-      // What is there now is exactly what this batch parsed: forget the rest, so the next batch
-      // parses them again.
-      this.connection?.[kPrepared]?.clear()
+    // An error before the Sync (a set_config's, a missing statement) arrives on its own; the
+    // ReadyForQuery that follows is no longer this query's. A broken connection arrives here too.
+    const prepared = this.prepare ? this.connection?.[kPrepared] : undefined
+    if (prepared !== undefined) {
+      const code = (err as { code?: unknown }).code
+      if (code === MISSING) prepared.delete(this.shape.name)
+      else if (code === EXISTS) prepared.add(this.shape.name)
     }
-    this.remember()
     this.callback?.(err)
-  }
-
-  /**
-   * The Parses come first in the batch, so once any reply arrived they ran. (An error that is the
-   * Parse's own, or a connection that failed, leaves the connection to be closed: its memory goes
-   * with it.)
-   */
-  private remember (): void {
-    const parsed = this.parsed
-    if (parsed === null) return
-    const prepared = this.connection?.[kPrepared]
-    if (prepared !== undefined) for (const name of parsed) prepared.add(name)
   }
 
   // The replies, unread: BEGIN's and the SELECT's CommandComplete.
@@ -230,9 +213,17 @@ export class BeginWithContext {
   handleCopyData (): void {}
 }
 
-const UNNAMED = cString('')
 
-/** A context batch failed because a statement it binds does not exist on the connection any more. */
-export function isMissingStatement (err: unknown): boolean {
-  return (err as { code?: unknown } | null)?.code === '26000'
+// invalid_sql_statement_name: Bind to a statement that is not there; duplicate_prepared_statement:
+// Parse of one that is.
+const MISSING = '26000'
+const EXISTS = '42P05'
+
+/**
+ * A context batch failed because this connection's memory of its prepared statement was wrong:
+ * it is right now, and the same batch sent again succeeds.
+ */
+export function isStaleStatement (err: unknown): boolean {
+  const code = (err as { code?: unknown } | null)?.code
+  return code === MISSING || code === EXISTS
 }

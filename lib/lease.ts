@@ -3,7 +3,7 @@ import type { FastifyBaseLogger, FastifyReply, FastifyRequest } from 'fastify'
 import { pipeline, type Readable, Transform } from 'node:stream'
 import type { PoolClient, QueryConfig, QueryResult } from 'pg'
 import { promised, type Taken } from './checkout.js'
-import { isMissingStatement } from './context-statement.js'
+import { isStaleStatement } from './context-statement.js'
 import { FST_REQUEST_DB_CLOSING, FST_REQUEST_DB_COMMIT_FAILED, FST_REQUEST_DB_CONTEXT_STATEMENT, FST_REQUEST_DB_RELEASED } from './errors.js'
 import { LeaseActivity } from './observability/lease-activity.js'
 import type { ClientGate } from './pool.js'
@@ -471,8 +471,8 @@ export class Lease extends Session implements RequestDb {
 
   /**
    * The route's transaction: BEGIN, and the request's database context in the same round trip.
-   * `again`: the context's prepared statements were found missing on the connection, and this is
-   * the second try, which parses them anew.
+   * `again`: the connection's memory of the context's prepared statement was wrong, and this is
+   * the second try.
    */
   private begin (client: PoolClient, context: AppliedContext | null, again: boolean): void {
     this.dispatch(client, context === null ? OWN.BEGIN : context.begin(this.gate.pooler === null), undefined, () => {
@@ -484,23 +484,32 @@ export class Lease extends Session implements RequestDb {
         this.answerWaiters(beginError)
         return
       }
-      if (!again && isMissingStatement(beginError)) {
-        // Dropped from the connection from outside a request (DEALLOCATE ALL, DISCARD ALL): roll
-        // back what ran of the batch (BEGIN may have), then send it again.
-        this.dispatch(client, OWN.ROLLBACK, undefined, () => this.begin(client, context, true), (err) => this.answerWaiters(err))
+      if (!again && isStaleStatement(beginError)) {
+        // Its statement was dropped from outside a request (DEALLOCATE ALL, DISCARD ALL): roll back
+        // the batch's aborted transaction, then send it again (context-statement.ts).
+        this.dispatch(client, OWN.ROLLBACK, undefined, () => this.begin(client, context, true), (err) => {
+          if (this.broken) this.answerWaiters(err)
+          else this.contextRefused(err)
+        })
         return
       }
-      // The server refused the context (a role that does not exist, say): its transaction is
-      // aborted, and rolled back at release; nothing else runs on it.
-      const refused = refusedByDatabase(beginError, this.gate.redact)
-      this.guard = new Refusal(refused)
-      // pg reports the error before the server's ReadyForQuery: the transaction status it shows may
-      // still be the idle one from before this BEGIN, and an aborted transaction would go back to
-      // the pool as clean. The connection is closed instead (this is a misconfiguration, not a
-      // hot path).
-      this.dirty = true
-      this.answerWaiters(refused)
+      this.contextRefused(beginError)
     })
+  }
+
+  /**
+   * The server refused the context (a role that does not exist, say), or the transaction it was
+   * to open can't be trusted: nothing else runs on this connection for the request.
+   */
+  private contextRefused (err: Error): void {
+    const refused = refusedByDatabase(err, this.gate.redact)
+    this.guard = new Refusal(refused)
+    // pg reports the error before the server's ReadyForQuery: the transaction status it shows may
+    // still be the idle one from before this BEGIN, and an aborted transaction would go back to
+    // the pool as clean. The connection is closed instead (this is a misconfiguration, not a
+    // hot path).
+    this.dirty = true
+    this.answerWaiters(refused)
   }
 
   private answerWaiters (err: Error | null, client?: PoolClient): void {

@@ -15,7 +15,7 @@
  */
 import type { FastifyRequest } from 'fastify'
 import type { PoolClient, QueryConfig } from 'pg'
-import { BeginWithContext, type ContextShape, contextShape, isMissingStatement } from './context-statement.js'
+import { BeginWithContext, type ContextShape, contextShape, isStaleStatement } from './context-statement.js'
 import { FST_REQUEST_DB_CONTEXT_FAILED, FST_REQUEST_DB_CONTEXT_STATEMENT, FST_REQUEST_DB_INVALID_CONTEXT } from './errors.js'
 import type { ClientGate } from './pool.js'
 import { markOwn, OWN, Session, type StatementGuard } from './session.js'
@@ -240,9 +240,9 @@ export class ContextSession extends Session {
       try {
         await this.send(client, this.context.begin(prepared))
       } catch (err) {
-        if (!isMissingStatement(err) || this.broken) throw err
-        // Its prepared statements were dropped from the connection (context-statement.ts): roll
-        // back what ran of the batch and send it again, parsed anew.
+        if (!isStaleStatement(err) || this.broken) throw err
+        // The connection's memory of its prepared statement was wrong (context-statement.ts):
+        // roll back the batch's aborted transaction and send it again.
         await this.send(client, OWN.ROLLBACK)
         await this.send(client, this.context.begin(prepared))
       }
