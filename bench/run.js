@@ -148,6 +148,7 @@ const budget = [
   ['p99 request-db ≤ 1.1 × raw-pool p99', ratio(c, 'request-db', 'raw-pool', 'p99'), 1.1, 'max'],
   ['kysely-request-db ≥ 0.97 × kysely-raw-pool req/s', ratio(c, 'kysely-request-db', 'kysely-raw-pool'), 0.97],
   ['drizzle-request-db ≥ 0.97 × drizzle-raw-pool req/s', ratio(c, 'drizzle-request-db', 'drizzle-raw-pool'), 0.97],
+  ['request-db-context ≥ 0.95 × request-db-transaction req/s', ratio(c, 'request-db-context', 'request-db-transaction'), 0.95],
   ...(streams === null ? [] : [['stream-request-db ≥ 0.97 × stream-raw-pool rows/s', streamRatio(streams, 'stream-request-db'), 0.97]])
 ]
 md += `\n## Budget (${c} connections, medians of per-round ratios)\n\n| line | measured | target | met |\n|---|---:|---:|---|\n`
