@@ -1,28 +1,31 @@
 /**
  * BEGIN and a request's database context on the wire: one write, one round trip, and on a direct
- * connection the context's statement prepared once per connection, so the server neither parses
- * nor plans it again for every request.
+ * connection both statements prepared once per connection, so the server neither parses nor plans
+ * them again for every request.
  *
  * pg sends one statement at a time and waits for its ReadyForQuery before the next, so BEGIN and
  * the context's SELECT as two queries would be two round trips. This is one query to pg (a
  * "submittable", as pg-cursor is) that writes extended-protocol messages for both under one Sync:
  *
- *   first time on a connection:  Parse Bind Execute (BEGIN) · Parse(name) Bind($1…$n) Execute · Sync
- *   after that:                  Parse Bind Execute (BEGIN) · Bind(name, $1…$n) Execute · Sync
+ *   first time on a connection:  Close Parse Bind Execute (BEGIN) · Close Parse Bind($1…$n) Execute · Sync
+ *   after that:                  Bind Execute (BEGIN) · Bind($1…$n) Execute · Sync
  *   behind a transaction pooler: Parse Bind Execute (BEGIN) · Parse Bind($1…$n) Execute · Sync, all unnamed
  *
- * The server spent 85 µs of CPU per transaction with the context's statement unnamed (parsed,
- * analysed and planned each time) against 49 µs with it prepared, a plain route transaction 38 µs
- * (`npm run bench:server`, bench/README.md). A pooler in transaction mode hands the next
- * transaction to another server connection, where a prepared statement does not exist: there it
- * stays unnamed.
+ * What preparing saves was measured (`npm run bench:server`, bench/README.md): the server spent
+ * 85 µs of CPU per transaction with the context's statement unnamed against 49 µs with it
+ * prepared, a plain route transaction 38 µs; under load, an unnamed BEGIN (parsed, its plan made
+ * and dropped for every request) cost the context route about 3 % of its throughput. A pooler in
+ * transaction mode hands the next transaction to another server connection, where a prepared
+ * statement does not exist: there both stay unnamed.
  *
- * BEGIN goes first, unnamed (its Parse can't fail): whatever fails after it leaves an aborted
- * transaction, so a statement pg had queued behind the batch fails too and never runs without the
- * context. The context's statement may have vanished (`DEALLOCATE ALL` or `DISCARD ALL` run on the
- * connection from outside a request, where the session-state check does not see it: SQLSTATE
- * 26000) or exist where this connection's memory says it does not (42P05): `isStaleStatement`
- * tells the caller to roll back and send the batch again, the memory now right.
+ * A prepared statement may vanish from outside a request (`DEALLOCATE ALL` or `DISCARD ALL` run
+ * through `fastify.pg`, where the session-state check does not see it): its Bind fails with
+ * SQLSTATE 26000, the connection's memory forgets this plugin's names, and `isStaleStatement` tells
+ * the caller to roll back and send the batch again. A name sent the first time is closed before it
+ * is parsed (Close of a missing statement is no error), so that Parse never meets one that exists.
+ * Should the BEGIN's own Bind fail, no transaction is open: nothing else of the request is on the
+ * wire behind the batch (a lease's statements wait for its answer: Session.opening), and the batch
+ * is sent again before any of them runs.
  */
 import type { QueryResult } from 'pg'
 
@@ -64,7 +67,13 @@ const SYNC = message('S', Buffer.alloc(0))
 // The unnamed statement's name in a Bind.
 const UNNAMED = cString('')
 
-const BEGIN = Buffer.concat([parse('', 'BEGIN'), bindNone(''), EXECUTE])
+// Close: statement `name` ('S'); no error when there is none.
+const close = (name: string): Buffer => message('C', Buffer.concat([Buffer.from('S'), cString(name)]))
+
+const BEGIN_NAME = 'fastify_request_db_begin'
+const BEGIN_UNNAMED = Buffer.concat([parse('', 'BEGIN'), bindNone(''), EXECUTE])
+const BEGIN_PREPARE = Buffer.concat([close(BEGIN_NAME), parse(BEGIN_NAME, 'BEGIN'), bindNone(BEGIN_NAME), EXECUTE])
+const BEGIN_PREPARED = Buffer.concat([bindNone(BEGIN_NAME), EXECUTE])
 
 /**
  * The statement that applies a context of one shape (how many settings, whether a role): the
@@ -76,6 +85,7 @@ class ContextShape {
   /** What observers of the statement (tracing, leak reports) see: both statements. */
   readonly shownText: string
   readonly name: string
+  /** Close, then Parse: the first time on a connection. */
   readonly parseNamed: Buffer
   readonly parseUnnamed: Buffer
   /** The statement's name as a Bind message carries it. */
@@ -91,7 +101,7 @@ class ContextShape {
     this.text = `SELECT WHERE (${calls.join(' || ')}) IS NULL`
     this.shownText = `BEGIN; ${this.text}`
     this.name = `fastify_request_db_context_${settings}${hasRole ? '_role' : ''}`
-    this.parseNamed = parse(this.name, this.text)
+    this.parseNamed = Buffer.concat([close(this.name), parse(this.name, this.text)])
     this.parseUnnamed = parse('', this.text)
     this.nameBytes = cString(this.name)
   }
@@ -140,17 +150,22 @@ export class BeginWithContext {
     const shape = this.shape
     let batch: Buffer
     if (!this.prepare) {
-      batch = this.batch(shape.parseUnnamed, UNNAMED)
+      batch = this.batch(BEGIN_UNNAMED, shape.parseUnnamed, UNNAMED)
     } else {
+      // Remembered as soon as sent, whatever the reply: an error after a Parse leaves its statement
+      // there. (Should the Parse itself fail, the next Bind meets 26000 and the name is forgotten.)
       const prepared = connection[kPrepared] ??= new Set()
-      if (prepared.has(shape.name)) {
-        batch = this.batch(null, shape.nameBytes)
-      } else {
-        batch = this.batch(shape.parseNamed, shape.nameBytes)
-        // Remembered now, whatever the reply: an error after the Parse leaves the statement there.
-        // (Should the Parse itself fail, the next Bind meets 26000 and parses it again.)
+      let begin = BEGIN_PREPARED
+      if (!prepared.has(BEGIN_NAME)) {
+        begin = BEGIN_PREPARE
+        prepared.add(BEGIN_NAME)
+      }
+      let contextParse: Buffer | null = null
+      if (!prepared.has(shape.name)) {
+        contextParse = shape.parseNamed
         prepared.add(shape.name)
       }
+      batch = this.batch(begin, contextParse, shape.nameBytes)
     }
     const sent = connection._send(batch)
     // false is backpressure (the bytes are queued), or a stream that is no longer writable.
@@ -162,14 +177,14 @@ export class BeginWithContext {
    * the small buffers a Bind built from parts costs): BEGIN, the context's Parse if it needs one,
    * its Bind to `statement` (a name with its NUL, or just the NUL), Execute, Sync.
    */
-  private batch (contextParse: Buffer | null, statement: Buffer): Buffer {
+  private batch (begin: Buffer, contextParse: Buffer | null, statement: Buffer): Buffer {
     const values = this.values
     // Bind: type, length, portal '\0', statement name, 0 format codes, n values, (length, bytes)…, 0 result formats.
     let bindLength = 4 + 1 + statement.length + 2 + 2 + 2
     for (const value of values) bindLength += 4 + Buffer.byteLength(value, 'utf8')
-    const size = BEGIN.length + (contextParse?.length ?? 0) + 1 + bindLength + EXECUTE.length + SYNC.length
+    const size = begin.length + (contextParse?.length ?? 0) + 1 + bindLength + EXECUTE.length + SYNC.length
     const buffer = Buffer.allocUnsafe(size)
-    let at = BEGIN.copy(buffer, 0)
+    let at = begin.copy(buffer, 0)
     if (contextParse !== null) at += contextParse.copy(buffer, at)
     buffer[at++] = 0x42 // 'B'
     at = buffer.writeInt32BE(bindLength, at)
@@ -194,12 +209,8 @@ export class BeginWithContext {
   handleError (err: Error): void {
     // An error before the Sync (a set_config's, a missing statement) arrives on its own; the
     // ReadyForQuery that follows is no longer this query's. A broken connection arrives here too.
-    const prepared = this.prepare ? this.connection?.[kPrepared] : undefined
-    if (prepared !== undefined) {
-      const code = (err as { code?: unknown }).code
-      if (code === MISSING) prepared.delete(this.shape.name)
-      else if (code === EXISTS) prepared.add(this.shape.name)
-    }
+    // A statement gone missing: which one the message names, but both are cheap to prepare again.
+    if (this.prepare && (err as { code?: unknown }).code === MISSING) this.connection?.[kPrepared]?.clear()
     this.callback?.(err)
   }
 
@@ -214,16 +225,13 @@ export class BeginWithContext {
 }
 
 
-// invalid_sql_statement_name: Bind to a statement that is not there; duplicate_prepared_statement:
-// Parse of one that is.
+// invalid_sql_statement_name: Bind to a statement that is not there.
 const MISSING = '26000'
-const EXISTS = '42P05'
 
 /**
- * A context batch failed because this connection's memory of its prepared statement was wrong:
- * it is right now, and the same batch sent again succeeds.
+ * A context batch failed because this connection's memory of its prepared statements was wrong:
+ * it is right now (forgotten: the batch prepares them again), and the same batch sent again succeeds.
  */
 export function isStaleStatement (err: unknown): boolean {
-  const code = (err as { code?: unknown } | null)?.code
-  return code === MISSING || code === EXISTS
+  return (err as { code?: unknown } | null)?.code === MISSING
 }

@@ -117,7 +117,7 @@ export class Lease extends Session implements RequestDb {
     if (this.hasContextFunction()) {
       throw new FST_REQUEST_DB_CONTEXT_STATEMENT("request.db.client() hands out a connection whose statements can't be checked; use request.db.query, or config.db.context: false on the route")
     }
-    const client = this.current ?? await promised((taken) => this.withClient(taken))
+    const client = (this.opening ? null : this.current) ?? await promised((taken) => this.withClient(taken))
     if (this.poolRelease === undefined) {
       this.rawHandedOut = true
       this.poolRelease = client.release
@@ -141,12 +141,13 @@ export class Lease extends Session implements RequestDb {
 
   /**
    * The route's transaction opens when the request takes its client. Read before that, the depth
-   * is 0 and `transaction(fn)` would send a BEGIN (ignored by the server) and a COMMIT of its own,
-   * committing the route's transaction half-way and running what follows outside any transaction.
-   * So the client is taken first, and `fn` nests inside the route's transaction as a savepoint.
+   * is 0 (as it is while that BEGIN is on the wire) and `transaction(fn)` would send a BEGIN
+   * (ignored by the server) and a COMMIT of its own, committing the route's transaction half-way
+   * and running what follows outside any transaction. So the client is taken (and the BEGIN
+   * answered) first, and `fn` nests inside the route's transaction as a savepoint.
    */
   override transaction<T> (fn: (tx: this) => Promise<T> | T): Promise<T> {
-    if (this.current !== null) return super.transaction(fn)
+    if (this.current !== null && !this.opening) return super.transaction(fn)
     return promised((taken) => this.withClient(taken)).then(() => super.transaction(fn))
   }
 
@@ -464,9 +465,15 @@ export class Lease extends Session implements RequestDb {
       }, { once: true })
     }
     const context = this.context
-    if (context !== null && context !== undefined) this.begin(client as PoolClient, context, false)
-    else if ((route.config as { db?: RouteDbConfig }).db?.transaction === true) this.begin(client as PoolClient, null, false)
-    else this.answerWaiters(null, client)
+    if (context !== null && context !== undefined) {
+      this.opening = true
+      this.begin(client as PoolClient, context, false)
+    } else if ((route.config as { db?: RouteDbConfig }).db?.transaction === true) {
+      this.opening = true
+      this.begin(client as PoolClient, null, false)
+    } else {
+      this.answerWaiters(null, client)
+    }
   }
 
   /**
@@ -515,6 +522,7 @@ export class Lease extends Session implements RequestDb {
   private answerWaiters (err: Error | null, client?: PoolClient): void {
     const waiters = this.waiters as Taken[]
     this.waiters = null
+    this.opening = false
     for (const then of waiters) then(err, client)
   }
 

@@ -80,6 +80,12 @@ export class Session implements ClientHolder, TransactionHost<Session>, DbSessio
   readonly request: FastifyRequest | null = null
   /** The client queries go to; null when none is held (or no longer usable). */
   protected current: PoolClient | null = null
+  /**
+   * The route's BEGIN is on the wire (a request's lease): statements wait for its answer in the
+   * lease's queue instead of pg's, so none can run before the transaction and its context are
+   * open, even should that BEGIN fail (context-statement.ts).
+   */
+  protected opening = false
   protected readonly gate: ClientGate
   private depth = 0
   protected pending = 0
@@ -136,7 +142,7 @@ export class Session implements ClientHolder, TransactionHost<Session>, DbSessio
   query (text: string | QueryConfig | PgSubmittable, values?: unknown[]): Promise<QueryResult> | PgSubmittable {
     if (typeof text === 'object' && isSubmittable(text)) return this.submit(text)
     const client = this.current
-    if (client === null) return this.queryWithoutClient(text as string | QueryConfig, values)
+    if (client === null || this.opening) return this.queryWithoutClient(text as string | QueryConfig, values)
     return this.send(client, text as string | QueryConfig, values)
   }
 

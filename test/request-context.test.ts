@@ -79,7 +79,7 @@ t.test('one round trip for BEGIN and the context: as many as a plain route trans
   await settled(t, app)
 })
 
-t.test('the context statement is prepared once per connection; dropped from outside the plugin, it is prepared again', async (t) => {
+t.test('BEGIN and the context statement are prepared once per connection; dropped from outside the plugin, they are prepared again', async (t) => {
   // One connection: the pool's direct users (DEALLOCATE, DISCARD ALL) run on the connection the
   // plugin prepared its statement on, out of the session-state check's sight.
   const pool = new pg.Pool({ connectionString: db.url, max: 1 })
@@ -97,7 +97,7 @@ t.test('the context statement is prepared once per connection; dropped from outs
     t.equal(res.statusCode, 200, `tenant ${tenant}: answered`)
     return res.json()
   }
-  const names = ['fastify_request_db_context_2_role']
+  const names = ['fastify_request_db_begin', 'fastify_request_db_context_2_role']
   const first = await ask('a')
   t.match(first, { who: role, tenant: 'a', user_id: '7', in_tx: true, names }, 'prepared on first use')
   const second = await ask('b')
@@ -108,30 +108,40 @@ t.test('the context statement is prepared once per connection; dropped from outs
   t.match(await ask('a'), { who: role, tenant: 'a', in_tx: true, names, pid: first.pid }, 'after DEALLOCATE ALL: rolled back, prepared again, on the same connection')
   await settled(t, app)
   await pool.query('DEALLOCATE fastify_request_db_context_2_role')
-  t.match(await ask('b'), { who: role, tenant: 'b', in_tx: true, names, pid: first.pid }, 'after a DEALLOCATE of it alone: the same')
+  t.match(await ask('b'), { who: role, tenant: 'b', in_tx: true, names, pid: first.pid }, 'after a DEALLOCATE of the context statement alone: the same')
+  await settled(t, app)
+  // BEGIN's own Bind fails: no transaction is open when the batch fails.
+  await pool.query('DEALLOCATE fastify_request_db_begin')
+  t.match(await ask('a'), { who: role, tenant: 'a', in_tx: true, names, pid: first.pid }, 'after a DEALLOCATE of BEGIN alone: the same')
   await settled(t, app)
 
   await pool.query('DISCARD ALL')
   const inside = await app.db.withContext({ settings: { 'app.tenant_id': 'b' }, role }, async (tx) => ({ ...(await tx.query(WHO)).rows[0], ...(await tx.query(PREPARED)).rows[0] }))
-  t.match(inside, { who: role, tenant: 'b', in_tx: true, names: ['fastify_request_db_context_1_role'] }, 'app.db.withContext after DISCARD ALL: the same')
-  t.same((await ask('b')).names, ['fastify_request_db_context_1_role', ...names], 'one statement per shape (settings, role), each prepared again where it was missing')
+  t.match(inside, { who: role, tenant: 'b', in_tx: true, names: ['fastify_request_db_begin', 'fastify_request_db_context_1_role'] }, 'app.db.withContext after DISCARD ALL: the same')
+  t.same((await ask('b')).names, ['fastify_request_db_begin', 'fastify_request_db_context_1_role', 'fastify_request_db_context_2_role'],
+    'one context statement per shape (settings, role), each prepared again where it was missing')
   await settled(t, app)
   t.equal((await pool.query(WHO)).rows[0].tenant || '', '', 'nothing left on the connection')
 })
 
-t.test('a statement pg queued behind a context batch that failed never runs without the context', async (t) => {
-  // BEGIN goes first in the batch: whatever fails after it leaves an aborted transaction, so a
-  // statement issued while the batch was on its way (pg sends it right after) fails too.
+t.test('a statement issued while the context batch is on the wire waits for it, and never runs without the context', async (t) => {
+  // After DEALLOCATE ALL the batch's first message, BEGIN's Bind, fails: no transaction is open.
+  // A statement pg had queued behind the batch would run next, in autocommit, as the login role;
+  // the request's statements wait for the batch's answer instead (Session.opening), and run once
+  // it was sent again.
   const pool = new pg.Pool({ connectionString: db.url, max: 1 })
   t.teardown(() => pool.end())
   let issueDuring: FastifyRequest | null = null
   let during: Promise<unknown> = Promise.resolve('not issued')
+  const sent: string[] = []
   pool.on('connect', (client) => {
     const query = client.query.bind(client) as (...args: unknown[]) => unknown
     ;(client as unknown as { query: (...args: unknown[]) => unknown }).query = (config: unknown, ...rest: unknown[]) => {
+      const text = typeof config === 'string' ? config : String((config as { text?: unknown } | null)?.text)
+      sent.push(text)
       const result = query(config, ...rest)
       const request = issueDuring
-      if (request !== null && String((config as { text?: unknown } | null)?.text).startsWith('BEGIN; SELECT')) {
+      if (request !== null && text.startsWith('BEGIN; SELECT')) {
         issueDuring = null
         during = request.db.query(WHO).then((r) => r.rows[0], (err: Error & { code?: string }) => err.code)
       }
@@ -148,10 +158,13 @@ t.test('a statement pg queued behind a context batch that failed never runs with
   t.match((await app.inject({ url: '/who', headers: { 'x-tenant': 'a' } })).json(), { who: role }, 'prepared')
   await settled(t, app)
   await pool.query('DEALLOCATE ALL')
+  sent.length = 0
   const res = await app.inject({ url: '/race', headers: { 'x-tenant': 'b' } })
   t.equal(res.statusCode, 200, res.body)
   t.match(res.json().first, { who: role, tenant: 'b', in_tx: true }, 'the request goes on in its context (the batch sent again)')
-  t.equal(res.json().during, '25P02', 'the statement queued behind the failed batch failed in its aborted transaction: it did not run as the login role')
+  t.match(res.json().during, { who: role, tenant: 'b', in_tx: true }, 'the statement issued during the failed batch ran after it was sent again, in the context')
+  t.same(sent.slice(0, 3).map((text) => text.startsWith('BEGIN; SELECT') ? 'batch' : text), ['batch', 'ROLLBACK', 'batch'],
+    'nothing was handed to pg between the failed batch and its second sending')
   await settled(t, app)
 })
 

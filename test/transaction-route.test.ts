@@ -1,5 +1,6 @@
 // Route option config: { db: { transaction: true } }: the whole request in one transaction.
-import Fastify from 'fastify'
+import Fastify, { type FastifyRequest } from 'fastify'
+import pg from 'pg'
 import t from 'tap'
 import requestDb from '../lib/index.js'
 import { buildApp, createDatabase, waitFor } from './helpers/db.js'
@@ -119,5 +120,41 @@ t.test('transaction() as the first use of request.db nests inside the route tran
   const res = await app.inject({ method: 'POST', url: '/first' })
   t.equal(res.statusCode, 500, 'the statement after transaction() still ran inside the route transaction')
   t.equal((await db.admin.query('SELECT count(*)::int AS n FROM firsts')).rows[0].n, 0, 'transaction() did not commit the route transaction half-way')
+  await waitFor(() => app.db.stats().leased === 0, 2000, 'release')
+})
+
+t.test('transaction() called while the route\'s BEGIN is on the wire waits for it, and nests inside the route transaction', async (t) => {
+  const db = await createDatabase(t)
+  await db.admin.query('CREATE TABLE during_begin (v int)')
+  // The moment pg is handed the route's BEGIN, the handler (another branch of it) calls transaction().
+  const pool = new pg.Pool({ connectionString: db.url, max: 1 })
+  t.teardown(() => pool.end())
+  let issueDuring: FastifyRequest | null = null
+  let during: Promise<unknown> = Promise.resolve('not issued')
+  pool.on('connect', (client) => {
+    const query = client.query.bind(client) as (...args: unknown[]) => unknown
+    ;(client as unknown as { query: (...args: unknown[]) => unknown }).query = (config: unknown, ...rest: unknown[]) => {
+      const result = query(config, ...rest)
+      const request = issueDuring
+      const text = typeof config === 'string' ? config : (config as { text?: unknown } | null)?.text
+      if (request !== null && text === 'BEGIN') {
+        issueDuring = null
+        during = request.db.transaction(async (tx) => { await tx.query('INSERT INTO during_begin VALUES (1)') })
+      }
+      return result
+    }
+  })
+  const app = await buildApp(db, { pool })
+  app.post('/race', { config: { db: { transaction: true } } }, async (request) => {
+    issueDuring = request
+    await request.db.query('SELECT 1')
+    await during
+    throw new Error('roll the route back')
+  })
+  const res = await app.inject({ method: 'POST', url: '/race' })
+  t.equal(res.statusCode, 500, res.body)
+  t.equal(issueDuring, null, 'transaction() was called while BEGIN was on the wire')
+  t.equal((await db.admin.query('SELECT count(*)::int AS n FROM during_begin')).rows[0].n, 0,
+    'its insert rolled back with the route: it was a savepoint, not a transaction that committed the route half-way')
   await waitFor(() => app.db.stats().leased === 0, 2000, 'release')
 })
