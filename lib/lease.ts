@@ -483,10 +483,12 @@ export class Lease extends Session implements RequestDb {
    */
   private begin (client: PoolClient, context: AppliedContext | null, again: boolean): void {
     this.dispatch(client, context === null ? OWN.BEGIN : context.begin(this.gate.pooler === null), undefined, () => {
+      if (this.gaveBack(client)) return
       this.txDepth = 1
       this.routeTxOpen = true
       this.answerWaiters(null, client)
     }, (beginError) => {
+      if (this.gaveBack(client)) return
       if (context === null || this.broken) {
         this.answerWaiters(beginError)
         return
@@ -494,7 +496,10 @@ export class Lease extends Session implements RequestDb {
       if (!again && isStaleStatement(beginError)) {
         // Its statement was dropped from outside a request (DEALLOCATE ALL, DISCARD ALL): roll back
         // the batch's aborted transaction, then send it again (context-statement.ts).
-        this.dispatch(client, OWN.ROLLBACK, undefined, () => this.begin(client, context, true), (err) => {
+        this.dispatch(client, OWN.ROLLBACK, undefined, () => {
+          if (!this.gaveBack(client)) this.begin(client, context, true)
+        }, (err) => {
+          if (this.gaveBack(client)) return
           if (this.broken) this.answerWaiters(err)
           else this.contextRefused(err)
         })
@@ -502,6 +507,17 @@ export class Lease extends Session implements RequestDb {
       }
       this.contextRefused(beginError)
     })
+  }
+
+  /**
+   * The request ended while its BEGIN was on the wire, and the lease gave `client` back once that
+   * was answered (or is about to): nothing more is sent on it for this request. A retry there would
+   * open a transaction in this request's context on a connection that is someone else's now.
+   */
+  private gaveBack (client: PoolClient): boolean {
+    if (this.current === client) return false
+    this.answerWaiters(this.shutdownCancel ? new FST_REQUEST_DB_CLOSING() : new FST_REQUEST_DB_RELEASED())
+    return true
   }
 
   /**

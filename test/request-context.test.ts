@@ -168,6 +168,49 @@ t.test('a statement issued while the context batch is on the wire waits for it, 
   await settled(t, app)
 })
 
+t.test('a request that ends while its failed context batch is answered leaves no retry on the connection it gave back', async (t) => {
+  // After DEALLOCATE ALL the batch fails (BEGIN's Bind: no transaction open). The handler did not
+  // wait for its statement, so the response is over and the lease gives the clean connection back
+  // as soon as the batch is answered; the retry (ROLLBACK, the batch again) must not follow it
+  // there, where it would open a transaction in this request's tenant and role for whoever takes
+  // the connection next.
+  const pool = new pg.Pool({ connectionString: db.url, max: 1 })
+  t.teardown(() => pool.end())
+  let batchSent: (() => void) | null = null
+  pool.on('connect', (client) => {
+    const query = client.query.bind(client) as (...args: unknown[]) => unknown
+    ;(client as unknown as { query: (...args: unknown[]) => unknown }).query = (config: unknown, ...rest: unknown[]) => {
+      const result = query(config, ...rest)
+      if (batchSent !== null && String((config as { text?: unknown } | null)?.text).startsWith('BEGIN; SELECT')) batchSent()
+      return result
+    }
+  })
+  const app = await contextApp({ pool })
+  app.get('/who', async (request) => (await request.db.query(WHO)).rows[0])
+  let during: Promise<unknown> = Promise.resolve('not issued')
+  app.get('/unawaited', async (request) => {
+    // Answers as soon as the batch is on the wire, without waiting for its statement.
+    const sent = new Promise<void>((resolve) => { batchSent = resolve })
+    during = request.db.query(WHO).then((r) => r.rows[0], (err: Error & { code?: string }) => err.code)
+    await sent
+    batchSent = null
+    return 'answered before its statement'
+  })
+  app.get('/plain', { config: { db: { context: false } } }, async (request) => (await request.db.query(WHO)).rows[0])
+  t.match((await app.inject({ url: '/who', headers: { 'x-tenant': 'a' } })).json(), { who: role }, 'prepared')
+  await settled(t, app)
+  await pool.query('DEALLOCATE ALL')
+  t.equal((await app.inject({ url: '/unawaited', headers: { 'x-tenant': 'b' } })).statusCode, 200)
+  t.equal(await during, 'FST_REQUEST_DB_RELEASED', 'its statement, issued during the batch, was refused: the request was over')
+  await settled(t, app)
+  await new Promise((resolve) => setTimeout(resolve, 100))
+  const next = (await app.inject({ url: '/plain' })).json()
+  t.not(next.who, role, 'the next request on the connection runs as the login role')
+  t.ok(next.tenant === null || next.tenant === '', `no tenant (got ${JSON.stringify(next.tenant)})`)
+  t.equal(next.in_tx, false, 'and in no transaction left open by the request before')
+  await settled(t, app)
+})
+
 t.test("behind a transaction pooler (pooler: 'transaction'): nothing prepared, the context applied all the same", async (t) => {
   const pool = new pg.Pool({ connectionString: db.url, max: 1 })
   t.teardown(() => pool.end())
