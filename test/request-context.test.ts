@@ -7,7 +7,7 @@ import QueryStream from 'pg-query-stream'
 import t from 'tap'
 import type { DbContext, DbContextFunction, RequestDbOptions } from '../lib/index.js'
 import requestKysely from '../lib/integrations/kysely.js'
-import { buildApp, countingPool, createDatabase, type TestDatabase, waitFor } from './helpers/db.js'
+import { buildApp, countingPool, createDatabase, poolWatchingStatements, type TestDatabase, waitFor } from './helpers/db.js'
 import { ndjson } from './helpers/streams.js'
 import { pipeline } from 'node:stream'
 import { createTenantSchema } from './helpers/rls.js'
@@ -129,23 +129,15 @@ t.test('a statement issued while the context batch is on the wire waits for it, 
   // A statement pg had queued behind the batch would run next, in autocommit, as the login role;
   // the request's statements wait for the batch's answer instead (Session.opening), and run once
   // it was sent again.
-  const pool = new pg.Pool({ connectionString: db.url, max: 1 })
-  t.teardown(() => pool.end())
   let issueDuring: FastifyRequest | null = null
   let during: Promise<unknown> = Promise.resolve('not issued')
   const sent: string[] = []
-  pool.on('connect', (client) => {
-    const query = client.query.bind(client) as (...args: unknown[]) => unknown
-    ;(client as unknown as { query: (...args: unknown[]) => unknown }).query = (config: unknown, ...rest: unknown[]) => {
-      const text = typeof config === 'string' ? config : String((config as { text?: unknown } | null)?.text)
-      sent.push(text)
-      const result = query(config, ...rest)
-      const request = issueDuring
-      if (request !== null && text.startsWith('BEGIN; SELECT')) {
-        issueDuring = null
-        during = request.db.query(WHO).then((r) => r.rows[0], (err: Error & { code?: string }) => err.code)
-      }
-      return result
+  const pool = poolWatchingStatements(t, db.url, (text) => {
+    sent.push(text)
+    const request = issueDuring
+    if (request !== null && text.startsWith('BEGIN; SELECT')) {
+      issueDuring = null
+      during = request.db.query(WHO).then((r) => r.rows[0], (err: Error & { code?: string }) => err.code)
     }
   })
   const app = await contextApp({ pool })
@@ -174,16 +166,9 @@ t.test('a request that ends while its failed context batch is answered leaves no
   // as soon as the batch is answered; the retry (ROLLBACK, the batch again) must not follow it
   // there, where it would open a transaction in this request's tenant and role for whoever takes
   // the connection next.
-  const pool = new pg.Pool({ connectionString: db.url, max: 1 })
-  t.teardown(() => pool.end())
   let batchSent: (() => void) | null = null
-  pool.on('connect', (client) => {
-    const query = client.query.bind(client) as (...args: unknown[]) => unknown
-    ;(client as unknown as { query: (...args: unknown[]) => unknown }).query = (config: unknown, ...rest: unknown[]) => {
-      const result = query(config, ...rest)
-      if (batchSent !== null && String((config as { text?: unknown } | null)?.text).startsWith('BEGIN; SELECT')) batchSent()
-      return result
-    }
+  const pool = poolWatchingStatements(t, db.url, (text) => {
+    if (batchSent !== null && text.startsWith('BEGIN; SELECT')) batchSent()
   })
   const app = await contextApp({ pool })
   app.get('/who', async (request) => (await request.db.query(WHO)).rows[0])

@@ -1,9 +1,8 @@
 // Route option config: { db: { transaction: true } }: the whole request in one transaction.
 import Fastify, { type FastifyRequest } from 'fastify'
-import pg from 'pg'
 import t from 'tap'
 import requestDb from '../lib/index.js'
-import { buildApp, createDatabase, waitFor } from './helpers/db.js'
+import { buildApp, createDatabase, poolWatchingStatements, waitFor } from './helpers/db.js'
 
 t.test('committed before the response when the handler succeeds; rolled back when it throws', async (t) => {
   const db = await createDatabase(t)
@@ -127,21 +126,13 @@ t.test('transaction() called while the route\'s BEGIN is on the wire waits for i
   const db = await createDatabase(t)
   await db.admin.query('CREATE TABLE during_begin (v int)')
   // The moment pg is handed the route's BEGIN, the handler (another branch of it) calls transaction().
-  const pool = new pg.Pool({ connectionString: db.url, max: 1 })
-  t.teardown(() => pool.end())
   let issueDuring: FastifyRequest | null = null
   let during: Promise<unknown> = Promise.resolve('not issued')
-  pool.on('connect', (client) => {
-    const query = client.query.bind(client) as (...args: unknown[]) => unknown
-    ;(client as unknown as { query: (...args: unknown[]) => unknown }).query = (config: unknown, ...rest: unknown[]) => {
-      const result = query(config, ...rest)
-      const request = issueDuring
-      const text = typeof config === 'string' ? config : (config as { text?: unknown } | null)?.text
-      if (request !== null && text === 'BEGIN') {
-        issueDuring = null
-        during = request.db.transaction(async (tx) => { await tx.query('INSERT INTO during_begin VALUES (1)') })
-      }
-      return result
+  const pool = poolWatchingStatements(t, db.url, (text) => {
+    const request = issueDuring
+    if (request !== null && text === 'BEGIN') {
+      issueDuring = null
+      during = request.db.transaction(async (tx) => { await tx.query('INSERT INTO during_begin VALUES (1)') })
     }
   })
   const app = await buildApp(db, { pool })

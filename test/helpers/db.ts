@@ -103,3 +103,21 @@ export function countingPool (url: string, max = 10): { pool: pg.Pool, counts: {
   }
   return { pool: real, counts }
 }
+
+/**
+ * A one-connection pool whose client calls `handed(text)` each time pg is handed a statement, right
+ * after pg has it (queued or written): to act at that exact moment, as a handler's other branch would.
+ */
+export function poolWatchingStatements (t: Test, url: string, handed: (text: string) => void): pg.Pool {
+  const pool = new pg.Pool({ connectionString: url, max: 1 })
+  t.teardown(() => pool.end())
+  pool.on('connect', (client) => {
+    const query = client.query.bind(client) as (...args: unknown[]) => unknown
+    ;(client as unknown as { query: (...args: unknown[]) => unknown }).query = (config: unknown, ...rest: unknown[]) => {
+      const result = query(config, ...rest)
+      handed(typeof config === 'string' ? config : String((config as { text?: unknown } | null)?.text))
+      return result
+    }
+  })
+  return pool
+}
