@@ -464,24 +464,18 @@ export class Lease extends Session implements RequestDb {
         if ((signal.reason as { code?: string } | undefined)?.code === 'FST_ERR_HANDLER_TIMEOUT') this.enter(this.handlerTimedOut, undefined)
       }, { once: true })
     }
-    const context = this.context
-    if (context !== null && context !== undefined) {
-      this.opening = true
-      this.begin(client as PoolClient, context, false)
-    } else if ((route.config as { db?: RouteDbConfig }).db?.transaction === true) {
-      this.opening = true
-      this.begin(client as PoolClient, null, false)
-    } else {
-      this.answerWaiters(null, client)
-    }
+    const context = this.context ?? null
+    if (context !== null || (route.config as { db?: RouteDbConfig }).db?.transaction === true) this.begin(client as PoolClient, context, false)
+    else this.answerWaiters(null, client)
   }
 
   /**
    * The route's transaction: BEGIN, and the request's database context in the same round trip.
-   * `again`: the connection's memory of the context's prepared statement was wrong, and this is
-   * the second try.
+   * `again`: the connection's memory of its prepared statements was wrong, and this is the second
+   * try. Until it is answered, the request's statements wait (`opening`).
    */
   private begin (client: PoolClient, context: AppliedContext | null, again: boolean): void {
+    this.opening = true
     this.dispatch(client, context === null ? OWN.BEGIN : context.begin(this.gate.pooler === null), undefined, () => {
       if (this.gaveBack(client)) return
       this.txDepth = 1
